@@ -1,0 +1,194 @@
+"""The typed schema of ``params.yaml``: every knob of the pipeline, validated.
+
+``params.yaml`` is grouped by stage (``data:``, ``stats:``, ...). Loading it
+checks every key against this schema before any work is done: an unknown key,
+a wrong type or an out-of-range value raises :class:`ConfigError` naming the
+dotted key (``data.shard_size``) and the offending value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fcn_pipeline.errors import ConfigError
+
+Split = Literal["train", "val", "test"]
+SourceFormat = Literal["synthetic", "camvid", "voc", "folder"]
+SyntheticClass = Literal["background", "bus", "disc", "triangle", "checker", "pole"]
+# Class-weighting schemes computed by the stats stage (see fcn_pipeline/stats.py).
+WeightScheme = Literal["median_frequency", "inverse_frequency", "enet", "none"]
+# How the patches stage places patches (see fcn_pipeline/patches.py).
+PatchStrategy = Literal["grid", "uniform", "class_balanced"]
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors, values are never silently coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SyntheticParams(StrictModel):
+    """The embedded default dataset: seeded scenes drawn with scikit-image."""
+
+    seed: int = 0
+    height: int = Field(96, ge=32, le=4096)
+    width: int = Field(128, ge=32, le=4096)
+    splits: dict[Split, int] = Field(default_factory=lambda: {"train": 240, "val": 40, "test": 80})
+    classes: list[SyntheticClass] = Field(
+        default_factory=lambda: ["background", "bus", "disc", "triangle", "checker", "pole"]
+    )
+    bus_probability: float = Field(0.5, ge=0.0, le=1.0)
+    objects_per_image: tuple[int, int] = (2, 6)
+    pole_width: tuple[int, int] = (2, 4)
+    noise_std: float = Field(0.04, ge=0.0, le=0.5)
+
+    @field_validator("splits")
+    @classmethod
+    def _positive_counts(cls, value: dict[str, int]) -> dict[str, int]:
+        for split, count in value.items():
+            if count < 1:
+                raise ValueError(f"split {split!r} needs at least 1 image, got {count}")
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _background_first(cls, value: list[str]) -> list[str]:
+        if not value or value[0] != "background":
+            raise ValueError("the first class must be 'background'")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate class names in {value}")
+        if len(value) < 2:
+            raise ValueError("at least one object class is needed besides 'background'")
+        return value
+
+    @field_validator("objects_per_image", "pole_width")
+    @classmethod
+    def _ordered_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if not 0 <= low <= high:
+            raise ValueError(f"expected [low, high] with 0 <= low <= high, got {list(value)}")
+        return value
+
+
+class FolderParams(StrictModel):
+    """Options of the ``folder`` source (``images/``, ``masks/``, ``classes.txt``)."""
+
+    # Used only when the folder has no ``splits/<split>.txt`` lists: each image
+    # goes to a split chosen from a hash of its stem, so the split is stable.
+    split_fractions: dict[Split, float] = Field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(f < 0 for f in value.values()) or not math.isclose(sum(value.values()), 1.0):
+            raise ValueError(f"fractions must be >= 0 and sum to 1, got {value}")
+        return value
+
+
+class DataParams(StrictModel):
+    """The ``ingest`` stage: which dataset to read and how to shard it."""
+
+    format: SourceFormat = "synthetic"
+    root: str | None = None
+    out: str = "data/ingested"
+    shard_size: int = Field(64, ge=1, le=100_000)
+    workers: int = Field(0, ge=0, le=256)
+    synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
+    folder: FolderParams = Field(default_factory=FolderParams)
+
+
+class StatsParams(StrictModel):
+    """The ``stats`` stage: per-class pixel counts and class weights."""
+
+    data: str = "data/ingested"  # an ingested dataset (normally data.out)
+    out: str = "data/stats"
+    workers: int = Field(0, ge=0, le=256)
+
+
+class PatchesParams(StrictModel):
+    """The ``patches`` stage: square training patches cut from the train split."""
+
+    data: str = "data/ingested"  # an ingested dataset (normally data.out)
+    stats: str = "data/stats"  # the stats stage's output (normally stats.out)
+    out: str = "data/patches"
+    strategy: PatchStrategy = "class_balanced"
+    class_weighting: WeightScheme = "median_frequency"  # weights behind class_balanced
+    patch_size: int = Field(64, ge=1, le=4096)
+    stride: int = Field(32, ge=1, le=4096)  # grid only
+    patches_per_image: int = Field(8, ge=1, le=10_000)  # uniform and class_balanced
+    seed: int = Field(0, ge=0)
+    shard_size: int = Field(512, ge=1, le=100_000)  # patches per Parquet shard
+    workers: int = Field(0, ge=0, le=256)
+
+
+class Params(StrictModel):
+    """All of ``params.yaml``."""
+
+    data: DataParams = Field(default_factory=DataParams)
+    stats: StatsParams = Field(default_factory=StatsParams)
+    patches: PatchesParams = Field(default_factory=PatchesParams)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is not a group of keys")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(
+    raw: Any, *, source: str = "params", overrides: dict[str, Any] | None = None
+) -> Params:
+    """Validate a parsed YAML tree (plus dotted ``overrides``) into :class:`Params`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping of stage sections, got {type(raw).__name__}"
+        )
+    tree = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        # Validating in JSON mode keeps strict typing (no "3" -> 3) while
+        # letting YAML lists fill tuple fields.
+        return Params.model_validate_json(json.dumps(tree))
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(source, error)) from None
+
+
+def load_params(
+    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
+) -> Params:
+    """Read and validate ``params.yaml``; raise :class:`ConfigError` naming the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: parameters file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw, source=str(path), overrides=overrides)

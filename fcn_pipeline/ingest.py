@@ -1,0 +1,197 @@
+"""The ingest stage: any source -> validated, sharded Parquet + ``dataset.json``.
+
+Every pair is decoded exactly once, in a worker process, where it is checked
+(both files decode, same size, mask values are classes or 255), the mask is
+re-encoded in the canonical convention and the shard is written. Problems from
+all pairs are gathered and reported together; on any problem nothing is
+written and the previous output stays in place.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fcn_pipeline.atomic import atomic_output_dir, write_json
+from fcn_pipeline.config import DataParams
+from fcn_pipeline.errors import InvalidInputError
+from fcn_pipeline.sources import PairError, PairRef, Source, open_source
+from fcn_pipeline.store import (
+    IGNORE_INDEX,
+    META_FILE,
+    SPLITS,
+    DatasetMeta,
+    ShardInfo,
+    encode_png,
+    write_shard,
+)
+
+PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    split: str
+    number: int
+    pairs: tuple[PairRef, ...]
+
+    @property
+    def relpath(self) -> str:
+        return f"{self.split}/shard-{self.number:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    out: Path
+    meta: DatasetMeta
+    seconds: float
+
+    @property
+    def images(self) -> int:
+        return sum(self.meta.split_images(s) for s in self.meta.splits)
+
+
+def _decode_checked(path: str, data: bytes) -> tuple[int, int, bytes]:
+    """Decode the image once: return its (height, width) and the bytes to store.
+
+    PNG and JPEG bytes are kept unchanged; other formats are re-encoded as PNG.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            width, height = image.size
+            if data.startswith((PNG_MAGIC, JPEG_MAGIC)):
+                return height, width, data
+            return height, width, encode_png(np.asarray(image.convert("RGB")))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise PairError(path, f"image does not decode ({error})") from None
+
+
+def _encode_pair(source: Source, pair: PairRef, num_classes: int) -> dict:
+    image_bytes, mask = source.load(pair)
+    height, width, image_bytes = _decode_checked(pair.image or pair.id, image_bytes)
+    mask_name = pair.mask or pair.id
+    if mask.shape != (height, width):
+        raise PairError(
+            mask_name, f"mask is {mask.shape[0]}x{mask.shape[1]}, image is {height}x{width}"
+        )
+    bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
+    if bad.any():
+        values = np.unique(mask[bad]).tolist()
+        raise PairError(
+            mask_name, f"mask values {values} are neither a class (0..{num_classes - 1}) nor 255"
+        )
+    return {
+        "id": pair.id,
+        "split": pair.split,
+        "height": height,
+        "width": width,
+        "image": image_bytes,
+        "mask": encode_png(mask),
+    }
+
+
+def ingest_shard(
+    source: Source, job: ShardJob, num_classes: int, out_dir: Path
+) -> tuple[int, list[tuple[str, str]]]:
+    """Validate and encode the pairs of one shard and write it under ``out_dir``.
+
+    Returns ``(rows written, problems)``; runs in a worker process.
+    """
+    rows, problems = [], []
+    for pair in job.pairs:
+        try:
+            rows.append(_encode_pair(source, pair, num_classes))
+        except PairError as error:
+            problems.append((error.path, error.reason))
+    if not problems:
+        write_shard(out_dir / job.relpath, rows)
+    return len(rows), problems
+
+
+def plan_shards(pairs: list[PairRef], shard_size: int) -> list[ShardJob]:
+    """Group pairs by split (in id order) into shards of at most ``shard_size``."""
+    jobs = []
+    for split in SPLITS:
+        members = sorted((p for p in pairs if p.split == split), key=lambda p: p.id)
+        for number, start in enumerate(range(0, len(members), shard_size)):
+            jobs.append(ShardJob(split, number, tuple(members[start : start + shard_size])))
+    return jobs
+
+
+def _duplicate_ids(pairs: list[PairRef]) -> list[tuple[str, str]]:
+    counts = Counter(p.id for p in pairs)
+    return [
+        (p.image or p.id, f"duplicate id {p.id!r} ({counts[p.id]} pairs share it)")
+        for p in pairs
+        if counts[p.id] > 1
+    ]
+
+
+def resolve_workers(workers: int) -> int:
+    """``0`` means every core this process may use."""
+    return workers or len(os.sched_getaffinity(0))
+
+
+def ingest(
+    params: DataParams,
+    out: str | Path | None = None,
+    *,
+    on_shard: Callable[[ShardJob, int], None] | None = None,
+) -> IngestResult:
+    """Read the dataset described by ``params`` and write it to ``out`` atomically.
+
+    Raises :class:`InvalidInputError` listing every offending file (and writes
+    nothing) when any pair fails validation.
+    """
+    start = time.perf_counter()
+    out = Path(out or params.out)
+    source = open_source(params)
+    listing = source.scan()
+    problems = list(listing.problems) + _duplicate_ids(listing.pairs)
+    jobs = plan_shards(listing.pairs, params.shard_size)
+    num_classes = len(listing.class_names)
+    shards: dict[str, list[ShardInfo]] = {}
+    with atomic_output_dir(out) as tmp:
+        workers = min(resolve_workers(params.workers), max(1, len(jobs)))
+        if workers == 1:
+            results = (ingest_shard(source, job, num_classes, tmp) for job in jobs)
+            pool = None
+        else:
+            # spawn, not fork: the caller may be a threaded process (Prefect, torch).
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            n = len(jobs)
+            results = pool.map(ingest_shard, [source] * n, jobs, [num_classes] * n, [tmp] * n)
+        try:
+            for job, (count, shard_problems) in zip(jobs, results, strict=True):
+                problems += shard_problems
+                shards.setdefault(job.split, []).append(ShardInfo(job.relpath, count))
+                if on_shard:
+                    on_shard(job, count)
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
+        if problems:
+            raise InvalidInputError(f"{params.root or params.format}: dataset is invalid", problems)
+        source_info = dict(listing.description)
+        if params.root:
+            source_info["root"] = params.root
+        meta = DatasetMeta(
+            source=source_info,
+            class_names=listing.class_names,
+            class_colors=listing.class_colors,
+            ignore_index=IGNORE_INDEX,
+            splits=shards,
+        )
+        write_json(tmp / META_FILE, meta.to_json())
+    return IngestResult(out, meta, time.perf_counter() - start)

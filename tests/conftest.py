@@ -1,0 +1,86 @@
+"""Shared fixtures: the real CamVid copy, a shared Prefect API, project copies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def camvid_location() -> Path:
+    """``FCN_CAMVID_ROOT`` if set, else the shared copy beside the project."""
+    env = os.environ.get("FCN_CAMVID_ROOT")
+    return Path(env) if env else REPO.parent / "shared" / "datasets" / "camvid"
+
+
+@pytest.fixture(scope="session")
+def camvid_root() -> Path:
+    root = camvid_location()
+    if not (root / "trainannot").is_dir():
+        if os.environ.get("FCN_REQUIRE_CAMVID"):
+            pytest.fail(f"FCN_REQUIRE_CAMVID is set but CamVid is not at {root}")
+        pytest.skip(
+            f"CamVid not found at {root}: set FCN_CAMVID_ROOT to a SegNet-layout copy "
+            "(.ci/run points it at ../shared/datasets/camvid)"
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def camvid_ingested(camvid_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CamVid ingested once per test session (about 5 s on 2 cores)."""
+    from fcn_pipeline.config import DataParams
+    from fcn_pipeline.ingest import ingest
+
+    out = tmp_path_factory.mktemp("camvid") / "ingested"
+    ingest(DataParams(format="camvid", root=str(camvid_root), shard_size=64), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> str:
+    """One Prefect API server for the whole session (real server, SQLite, loopback).
+
+    Tests that run flows in-process share it; tests that start subprocesses
+    (the CLI, ``dvc repro``) pass its URL in ``PREFECT_API_URL`` so they do not
+    each start a temporary server.
+    """
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def project_env(prefect_api_url: str) -> dict[str, str]:
+    """Environment for subprocesses: the venv first on PATH, the shared Prefect API."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PREFECT_API_URL"] = prefect_api_url
+    return env
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """A copy of the project's tracked files in its own git repository (for DVC)."""
+    dest = tmp_path / "project"
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    for name in files:
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run(["git", "config", "user.name", "test"], cwd=dest, check=True)
+    subprocess.run(["git", "config", "user.email", "test@example.invalid"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "copy"], cwd=dest, check=True)
+    return dest

@@ -1,0 +1,81 @@
+"""params.yaml schema: every bad key fails before work, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fcn_pipeline.config import load_params, parse_params
+from fcn_pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_file_is_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.format == "synthetic"
+    assert params.data.synthetic.classes[0] == "background"
+
+
+@pytest.mark.parametrize(
+    ("tree", "key", "words"),
+    [
+        ({"data": {"shard_size": 0}}, "data.shard_size", "greater than or equal to 1"),
+        ({"data": {"shard_size": "64"}}, "data.shard_size", "valid integer"),
+        ({"data": {"sharding": 3}}, "data.sharding", "unknown key"),
+        ({"dataa": {}}, "dataa", "unknown key"),
+        ({"data": {"format": "coco"}}, "data.format", "'synthetic'"),
+        ({"data": {"synthetic": {"height": 8}}}, "data.synthetic.height", "greater than"),
+        (
+            {"data": {"synthetic": {"classes": ["bus", "background"]}}},
+            "data.synthetic.classes",
+            "first class",
+        ),
+        (
+            {"data": {"synthetic": {"classes": ["background", "cat"]}}},
+            "data.synthetic.classes",
+            "'pole'",
+        ),
+        ({"data": {"synthetic": {"splits": {"train": 0}}}}, "data.synthetic.splits", "at least 1"),
+        ({"data": {"synthetic": {"splits": {"holdout": 3}}}}, "data.synthetic.splits", "holdout"),
+        (
+            {"data": {"synthetic": {"pole_width": [4, 2]}}},
+            "data.synthetic.pole_width",
+            "low <= high",
+        ),
+        (
+            {"data": {"folder": {"split_fractions": {"train": 0.5}}}},
+            "data.folder.split_fractions",
+            "sum to 1",
+        ),
+    ],
+)
+def test_invalid_values_name_the_key(tree, key, words):
+    with pytest.raises(ConfigError) as caught:
+        parse_params(tree, source="params.yaml")
+    message = str(caught.value)
+    assert message.startswith("params.yaml: invalid parameters")
+    assert f"  {key}" in message
+    assert words in message
+
+
+def test_overrides_are_applied_and_validated():
+    params = parse_params({}, overrides={"data.shard_size": 7, "data.synthetic.seed": 3})
+    assert params.data.shard_size == 7 and params.data.synthetic.seed == 3
+    with pytest.raises(ConfigError, match=r"data\.workers"):
+        parse_params({}, overrides={"data.workers": -1})
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_params(listy)
