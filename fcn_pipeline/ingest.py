@@ -18,12 +18,12 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fcn_pipeline.atomic import atomic_output_dir, write_json
-from fcn_pipeline.config import DataParams
 from fcn_pipeline.errors import InvalidInputError
 from fcn_pipeline.sources import PairError, PairRef, Source, open_source
 from fcn_pipeline.store import (
@@ -35,6 +35,9 @@ from fcn_pipeline.store import (
     encode_png,
     write_shard,
 )
+
+if TYPE_CHECKING:  # worker processes import this module; keep pydantic out of their start-up
+    from fcn_pipeline.config import DataParams
 
 PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 

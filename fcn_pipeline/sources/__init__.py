@@ -14,12 +14,14 @@ import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fcn_pipeline.config import DataParams
 from fcn_pipeline.errors import ConfigError
+
+if TYPE_CHECKING:  # worker processes import sources; keep pydantic out of their start-up
+    from fcn_pipeline.config import DataParams
 
 
 class PairError(Exception):

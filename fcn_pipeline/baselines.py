@@ -1,0 +1,68 @@
+"""Sanity baselines for a dataset: what can be learned without looking at context.
+
+``colour_classifier_scores`` fits a per-pixel multinomial logistic regression on
+RGB alone and scores it with the FCN metrics. A dataset on which it does well
+is a colour-lookup toy, not a segmentation problem; the synthetic default is
+built so that it does badly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fcn_pipeline.metrics import confusion_matrix, segmentation_scores
+from fcn_pipeline.store import decode_image, decode_mask, iter_shard, read_dataset_meta, shard_paths
+
+
+def _pixels(dataset: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All labelled pixels of ``split``: ``(P, 3)`` float32 RGB in [0, 1], ``(P,)`` int64."""
+    colours, labels = [], []
+    meta = read_dataset_meta(dataset)
+    for path in shard_paths(dataset, split, meta):
+        for row in iter_shard(path, columns=["image", "mask"]):
+            mask = decode_mask(row["mask"]).ravel()
+            keep = mask != meta.ignore_index
+            colours.append(decode_image(row["image"]).reshape(-1, 3)[keep])
+            labels.append(mask[keep])
+    return np.concatenate(colours).astype(np.float32) / 255, np.concatenate(labels).astype(np.int64)
+
+
+def colour_classifier_scores(
+    dataset: str | Path,
+    *,
+    train_split: str = "train",
+    test_split: str = "test",
+    max_train_pixels: int = 200_000,
+    seed: int = 0,
+) -> dict:
+    """Fit softmax regression on RGB (train split), return FCN scores on the test split.
+
+    The fit is full-batch L-BFGS on at most ``max_train_pixels`` random labelled
+    train pixels, with features (R, G, B, 1). Returns the dict of
+    :func:`fcn_pipeline.metrics.segmentation_scores`.
+    """
+    dataset = Path(dataset)
+    num_classes = read_dataset_meta(dataset).num_classes
+    x, y = _pixels(dataset, train_split)
+    rng = np.random.default_rng(seed)
+    if len(y) > max_train_pixels:
+        pick = rng.choice(len(y), max_train_pixels, replace=False)
+        x, y = x[pick], y[pick]
+    features, target = torch.from_numpy(x), torch.from_numpy(y)
+    model = torch.nn.Linear(3, num_classes)
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(features), target)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    x_test, y_test = _pixels(dataset, test_split)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(x_test)).argmax(dim=1)
+    return segmentation_scores(confusion_matrix(pred, torch.from_numpy(y_test), num_classes))
