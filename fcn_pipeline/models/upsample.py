@@ -1,0 +1,93 @@
+"""Upsampling layers of FCN: bilinear-initialised transposed convolutions, or plain resizing.
+
+Every upsampling step of FCN-32s/16s/8s is a transposed convolution ("deconvolution",
+paper section 3.3) whose kernel starts out as bilinear interpolation, one kernel per class
+on the channel diagonal. The CVPR paper learns the 2x layers and fixes the last one; the
+public reference fixes all of them. Three modes are offered:
+
+- ``learned``: bilinear initialisation, then every upsampling layer is trained;
+- ``frozen``: the same kernels with ``requires_grad=False`` (the reference);
+- ``interp``: no transposed convolution at all, a bilinear resize (how later papers
+  describe FCN).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+UPSAMPLE_MODES = ("learned", "frozen", "interp")
+
+
+def bilinear_kernel(factor: int) -> Tensor:
+    """The 2-D bilinear interpolation kernel for an integer upsampling ``factor`` f >= 1.
+
+    Returns a float32 tensor of shape (k, k), k = 2f - f mod 2, on the current default device.
+    """
+    if factor < 1:
+        raise ValueError(f"upsampling factor must be >= 1, got {factor}")
+    size = 2 * factor - factor % 2
+    centre = factor - 1 if size % 2 == 1 else factor - 0.5
+    # w(i, j) = (1 - |i - c| / f) * (1 - |j - c| / f): a separable tent of half-width f.
+    taps = 1 - (torch.arange(size, dtype=torch.float32) - centre).abs() / factor
+    return taps[:, None] * taps[None, :]
+
+
+def bilinear_upsample_weight(channels: int, factor: int) -> Tensor:
+    """Transposed-convolution weight that upsamples each channel on its own.
+
+    Returns a float32 tensor of shape (channels, channels, k, k) holding
+    :func:`bilinear_kernel` on the channel diagonal and zeros elsewhere (no class mixing).
+    """
+    kernel = bilinear_kernel(factor)
+    weight = torch.zeros(channels, channels, *kernel.shape, dtype=kernel.dtype)
+    diagonal = torch.arange(channels)
+    weight[diagonal, diagonal] = kernel
+    return weight
+
+
+def bilinear_deconv(
+    channels: int, factor: int, *, trainable: bool, padding: int = 0
+) -> nn.ConvTranspose2d:
+    """A ``channels -> channels`` transposed convolution of stride ``factor``, kernel 2f - f mod 2,
+    no bias, initialised to bilinear interpolation; ``trainable=False`` freezes its weight.
+
+    With ``padding=0`` (FCN's choice, the net crops afterwards) a (N, C, h, w) map becomes
+    (N, C, f(h - 1) + k, f(w - 1) + k); with ``padding=ceil((f - 1) / 2)`` it becomes
+    (N, C, f h, f w).
+    """
+    size = 2 * factor - factor % 2
+    deconv = nn.ConvTranspose2d(
+        channels, channels, size, stride=factor, padding=padding, bias=False
+    )
+    with torch.no_grad():
+        deconv.weight.copy_(bilinear_upsample_weight(channels, factor))
+    deconv.weight.requires_grad_(trainable)
+    return deconv
+
+
+class BilinearResize(nn.Module):
+    """Bilinear resize by an integer ``factor`` with half-pixel centres (align_corners=False).
+
+    Maps (N, C, h, w) to (N, C, f h, f w), same dtype; has no parameters.
+    """
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(x, scale_factor=self.factor, mode="bilinear", align_corners=False)
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+def upsampler(channels: int, factor: int, mode: str) -> nn.Module:
+    """The upsampling layer of an FCN for ``mode`` in :data:`UPSAMPLE_MODES`."""
+    if mode == "interp":
+        return BilinearResize(factor)
+    if mode in ("learned", "frozen"):
+        return bilinear_deconv(channels, factor, trainable=mode == "learned")
+    raise ValueError(f"unknown upsample mode {mode!r}; allowed: {', '.join(UPSAMPLE_MODES)}")
