@@ -19,7 +19,8 @@ from pathlib import Path
 from PIL import Image
 
 from fcn_pipeline.config import DataParams
-from fcn_pipeline.ingest import ingest, resolve_workers
+from fcn_pipeline.ingest import ingest
+from fcn_pipeline.parallel import resolve_workers
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,6 +25,9 @@ SyntheticClass = Literal["background", "bus", "disc", "triangle", "checker", "po
 WeightScheme = Literal["median_frequency", "inverse_frequency", "enet", "none"]
 # How the patches stage places patches (see fcn_pipeline/patches.py).
 PatchStrategy = Literal["grid", "uniform", "class_balanced"]
+# How class_balanced draws a patch centre: a class, then one of its pixels
+# (per_class), or a pixel weighted by its class weight (per_pixel).
+CentreSampling = Literal["per_class", "per_pixel"]
 
 
 class StrictModel(BaseModel):
@@ -121,12 +124,82 @@ class PatchesParams(StrictModel):
     out: str = "data/patches"
     strategy: PatchStrategy = "class_balanced"
     class_weighting: WeightScheme = "median_frequency"  # weights behind class_balanced
-    patch_size: int = Field(64, ge=1, le=4096)
+    centre_sampling: CentreSampling = "per_class"  # class_balanced only
+    patch_size: int = Field(32, ge=1, le=4096)
     stride: int = Field(32, ge=1, le=4096)  # grid only
     patches_per_image: int = Field(8, ge=1, le=10_000)  # uniform and class_balanced
     seed: int = Field(0, ge=0)
     shard_size: int = Field(512, ge=1, le=100_000)  # patches per Parquet shard
     workers: int = Field(0, ge=0, le=256)
+
+
+# The staged FCN variants (FCN-8s may instead be trained at once, see TrainParams.at_once).
+StagedVariant = Literal["fcn32s", "fcn16s", "fcn8s"]
+Variant = Literal["fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce"]
+TrainMode = Literal["full", "patch"]
+UpsampleMode = Literal["learned", "frozen", "interp"]
+OptimizerName = Literal["sgd", "adam"]
+LrSchedule = Literal["poly", "fixed"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+class TrainParams(StrictModel):
+    """The ``train_<variant>`` stages: FCN-32s -> FCN-16s -> FCN-8s, as in the paper."""
+
+    data: str = "data/ingested"  # ingested dataset: val split (and train split in full mode)
+    patches: str = "data/patches"  # the patches stage's output: train set in patch mode
+    stats: str = "data/stats"  # the stats stage's output: class weights
+    out: str = "models"  # models/<variant>/model.pt and checkpoint.pt
+    live: str = "dvclive"  # DVCLive logs, dvclive/<variant>/
+    mode: TrainMode = "full"  # full: whole images; patch: the patches stage's patches
+    at_once: bool = False  # train_fcn8s trains FCN-8s at once from the backbone
+    backbone: Literal["vgg16"] = "vgg16"
+    width: float = Field(0.0625, gt=0.0, le=1.0)  # channel multiplier; 1.0 = the paper's VGG16
+    pretrained: str | None = None  # torchvision VGG16 state dict (width 1.0 only)
+    upsample: UpsampleMode = "frozen"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # after fc6 and fc7; 0.5 in the paper
+    class_weighting: WeightScheme = "none"
+    loss_sampling: float = Field(1.0, gt=0.0, le=1.0)  # p: share of coarse cells kept
+    sampling_cell: int | None = Field(None, ge=1)  # None = the variant's output stride
+    optimizer: OptimizerName = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: LrSchedule = "poly"
+    poly_power: float = Field(0.9, gt=0.0)
+    epochs: dict[Variant, int] = Field(
+        default_factory=lambda: {"fcn32s": 4, "fcn16s": 4, "fcn8s": 20, "fcn8s_atonce": 28}
+    )
+    batch_size: int = Field(2, ge=1, le=4096)
+    val_split: Split = "val"
+    eval_batch_size: int = Field(16, ge=1, le=4096)
+    device: DeviceName = "auto"
+    workers: int = Field(1, ge=-1, le=256)  # DataLoader processes; -1 = cores - 1
+    threads: int = Field(0, ge=0, le=256)  # torch CPU threads; 0 = torch's default
+    seed: int = Field(0, ge=0)
+
+    @field_validator("epochs")
+    @classmethod
+    def _non_negative_epochs(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {variant: n for variant, n in value.items() if n < 0}
+        if bad:
+            raise ValueError(f"epochs must be >= 0, got {bad}")
+        return value
+
+
+class EvaluateParams(StrictModel):
+    """The ``evaluate_<variant>`` stages: FCN metrics at native resolution."""
+
+    data: str = "data/ingested"  # ingested dataset (normally data.out)
+    models: str = "models"  # train.out: models/<variant>/model.pt
+    split: Split = "test"
+    metrics: str = "metrics"  # metrics/<variant>.json
+    out: str = "evaluation"  # evaluation/<variant>/: confusion.csv, confusion.png, overlays/
+    overlays: int = Field(4, ge=0, le=1000)  # prediction overlays, images evenly spaced
+    batch_size: int = Field(16, ge=1, le=4096)
+    device: DeviceName = "auto"
+    workers: int = Field(1, ge=-1, le=256)
+    threads: int = Field(0, ge=0, le=256)
 
 
 class Params(StrictModel):
@@ -135,6 +208,8 @@ class Params(StrictModel):
     data: DataParams = Field(default_factory=DataParams)
     stats: StatsParams = Field(default_factory=StatsParams)
     patches: PatchesParams = Field(default_factory=PatchesParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -27,3 +27,11 @@ class InvalidInputError(PipelineError):
         if len(self.problems) > self.max_listed:
             lines.append(f"  ... and {len(self.problems) - self.max_listed} more")
         super().__init__("\n".join(lines))
+
+
+class CheckpointError(PipelineError):
+    """A model file or training checkpoint is missing, corrupt or does not fit the data."""
+
+
+class TrainingDivergedError(PipelineError):
+    """The training loss became NaN or infinite (the message names the step and lr)."""

@@ -10,12 +10,9 @@ written and the previous output stays in place.
 from __future__ import annotations
 
 import io
-import multiprocessing
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fcn_pipeline.atomic import atomic_output_dir, write_json
 from fcn_pipeline.errors import InvalidInputError
+from fcn_pipeline.parallel import map_shards
 from fcn_pipeline.sources import PairError, PairRef, Source, open_source
 from fcn_pipeline.store import (
     IGNORE_INDEX,
@@ -141,11 +139,6 @@ def _duplicate_ids(pairs: list[PairRef]) -> list[tuple[str, str]]:
     ]
 
 
-def resolve_workers(workers: int) -> int:
-    """``0`` means every core this process may use."""
-    return workers or len(os.sched_getaffinity(0))
-
-
 def ingest(
     params: DataParams,
     out: str | Path | None = None,
@@ -166,24 +159,13 @@ def ingest(
     num_classes = len(listing.class_names)
     shards: dict[str, list[ShardInfo]] = {}
     with atomic_output_dir(out) as tmp:
-        workers = min(resolve_workers(params.workers), max(1, len(jobs)))
-        if workers == 1:
-            results = (ingest_shard(source, job, num_classes, tmp) for job in jobs)
-            pool = None
-        else:
-            # spawn, not fork: the caller may be a threaded process (Prefect, torch).
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            n = len(jobs)
-            results = pool.map(ingest_shard, [source] * n, jobs, [num_classes] * n, [tmp] * n)
-        try:
-            for job, (count, shard_problems) in zip(jobs, results, strict=True):
-                problems += shard_problems
-                shards.setdefault(job.split, []).append(ShardInfo(job.relpath, count))
-                if on_shard:
-                    on_shard(job, count)
-        finally:
-            if pool:
-                pool.shutdown(cancel_futures=True)
+        calls = [(source, job, num_classes, tmp) for job in jobs]
+        results = map_shards(ingest_shard, calls, params.workers)
+        for job, (count, shard_problems) in zip(jobs, results, strict=True):
+            problems += shard_problems
+            shards.setdefault(job.split, []).append(ShardInfo(job.relpath, count))
+            if on_shard:
+                on_shard(job, count)
         if problems:
             raise InvalidInputError(f"{params.root or params.format}: dataset is invalid", problems)
         source_info = dict(listing.description)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fcn_pipeline.config import load_params
-from fcn_pipeline.errors import PipelineError
+from fcn_pipeline.errors import ConfigError, PipelineError
 
 
 def _ingest(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
@@ -22,18 +22,138 @@ def _ingest(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     return ingest_flow(params_file=args.params, overrides=overrides)
 
 
+def _stats(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    from flows.stats import stats_flow
+
+    return stats_flow(params_file=args.params, overrides=overrides)
+
+
+def _patches(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    from flows.patches import patches_flow
+
+    return patches_flow(params_file=args.params, overrides=overrides)
+
+
+VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ConfigError(f"--variant: unknown variant {variant!r}; expected one of {VARIANTS}")
+
+
+def _train(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    from flows.train import train_flow
+
+    return train_flow(variant=args.variant, params_file=args.params, overrides=overrides)
+
+
+def _evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    from flows.evaluate import evaluate_flow
+
+    return evaluate_flow(variant=args.variant, params_file=args.params, overrides=overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fcn-pipeline", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="parameters file (default: %(default)s)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="parameters file (default: %(default)s)"
+    )
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     ingest = stages.add_parser("ingest", help="read a dataset into versioned Parquet shards")
-    ingest.add_argument("--format", dest="data.format", choices=["synthetic", "camvid", "voc", "folder"])
+    ingest.add_argument(
+        "--format", dest="data.format", choices=["synthetic", "camvid", "voc", "folder"]
+    )
     ingest.add_argument("--root", dest="data.root", help="source dataset directory")
     ingest.add_argument("--out", dest="data.out", help="output directory")
     ingest.add_argument("--shard-size", dest="data.shard_size", type=int, help="images per shard")
-    ingest.add_argument("--workers", dest="data.workers", type=int, help="processes (0 = all cores)")
+    ingest.add_argument(
+        "--workers", dest="data.workers", type=int, help="processes (0 = all cores)"
+    )
     ingest.set_defaults(run=_ingest)
+
+    # Names (schemes, strategies) are checked by the params schema, not by
+    # argparse, so a bad one is reported like a bad params.yaml value.
+    stats = stages.add_parser("stats", help="per-class pixel statistics and class weights")
+    stats.add_argument("--data", dest="stats.data", metavar="INGESTED_DIR", help="ingested dataset")
+    stats.add_argument("--out", dest="stats.out", metavar="DIR", help="output directory")
+    stats.add_argument(
+        "--workers", dest="stats.workers", type=int, metavar="N", help="processes (0 = all cores)"
+    )
+    stats.set_defaults(run=_stats)
+
+    patches = stages.add_parser("patches", help="cut training patches from the train split")
+    option = patches.add_argument
+    option("--data", dest="patches.data", metavar="INGESTED_DIR", help="ingested dataset")
+    option("--stats", dest="patches.stats", metavar="STATS_DIR", help="stats stage output")
+    option("--out", dest="patches.out", metavar="DIR", help="output directory")
+    option(
+        "--strategy",
+        dest="patches.strategy",
+        metavar="NAME",
+        help="grid | uniform | class_balanced",
+    )
+    option(
+        "--class-weighting",
+        dest="patches.class_weighting",
+        metavar="SCHEME",
+        help="median_frequency | inverse_frequency | enet | none",
+    )
+    option(
+        "--centre-sampling",
+        dest="patches.centre_sampling",
+        metavar="RULE",
+        help="per_class | per_pixel",
+    )
+    option("--patch-size", dest="patches.patch_size", type=int, metavar="PX", help="patch side")
+    option("--stride", dest="patches.stride", type=int, metavar="PX", help="grid step")
+    option(
+        "--patches-per-image",
+        dest="patches.patches_per_image",
+        type=int,
+        metavar="N",
+        help="uniform and class_balanced",
+    )
+    option("--seed", dest="patches.seed", type=int, metavar="N", help="random seed")
+    option(
+        "--shard-size", dest="patches.shard_size", type=int, metavar="N", help="patches per shard"
+    )
+    option(
+        "--workers", dest="patches.workers", type=int, metavar="N", help="processes (0 = all cores)"
+    )
+    patches.set_defaults(run=_patches)
+
+    train = stages.add_parser("train", help="train one FCN variant (staged 32s -> 16s -> 8s)")
+    option = train.add_argument
+    option("--variant", required=True, metavar="NAME", help="fcn32s | fcn16s | fcn8s")
+    option("--mode", dest="train.mode", metavar="MODE", help="full | patch")
+    option(
+        "--class-weighting",
+        dest="train.class_weighting",
+        metavar="SCHEME",
+        help="none | median_frequency | inverse_frequency | enet",
+    )
+    option(
+        "--loss-sampling", dest="train.loss_sampling", type=float, metavar="P", help="p in (0, 1]"
+    )
+    option("--upsample", dest="train.upsample", metavar="MODE", help="frozen | learned | interp")
+    option("--width", dest="train.width", type=float, metavar="W", help="backbone width")
+    option("--pretrained", dest="train.pretrained", metavar="FILE", help="torchvision VGG16")
+    option("--device", dest="train.device", metavar="DEVICE", help="auto | cpu | cuda")
+    option("--out", dest="train.out", metavar="DIR", help="models directory")
+    option("--workers", dest="train.workers", type=int, metavar="N", help="DataLoader workers")
+    train.set_defaults(run=_train)
+
+    evaluate = stages.add_parser("evaluate", help="FCN metrics of one trained variant")
+    option = evaluate.add_argument
+    option("--variant", required=True, metavar="NAME", help="fcn32s | fcn16s | fcn8s")
+    option("--split", dest="evaluate.split", metavar="SPLIT", help="train | val | test")
+    option("--models", dest="evaluate.models", metavar="DIR", help="trained models directory")
+    option("--metrics", dest="evaluate.metrics", metavar="DIR", help="metrics directory")
+    option("--out", dest="evaluate.out", metavar="DIR", help="plots and overlays directory")
+    option("--device", dest="evaluate.device", metavar="DEVICE", help="auto | cpu | cuda")
+    evaluate.set_defaults(run=_evaluate)
     return parser
 
 
@@ -45,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     run: Callable[[argparse.Namespace, dict[str, Any]], Any] = args.run
     try:
         load_params(args.params, overrides)  # fail fast, before Prefect starts
+        if getattr(args, "variant", None) is not None:
+            _check_variant(args.variant)
         run(args, overrides)
     except PipelineError as error:
         print(f"fcn-pipeline {args.stage}: error: {error}", file=sys.stderr)

@@ -7,7 +7,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import prefect  # noqa: F401  (see below)
 import pytest
+
+# Prefect binds its console log handler to the sys.stderr of the moment it is
+# first imported. Importing it here, before any test captures output, keeps it
+# off a per-test capsys stream that is closed when that test ends.
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,8 +72,38 @@ def project_env(prefect_api_url: str) -> dict[str, str]:
 
 @pytest.fixture
 def project_copy(tmp_path: Path) -> Path:
-    """A copy of the project's tracked files in its own git repository (for DVC)."""
-    dest = tmp_path / "project"
+    """A copy of the project's files in its own git repository (for DVC)."""
+    return copy_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic dataset, its stats and patches (``ingested/``, ``stats/``,
+    ``patches/`` under the returned directory): 8 train, 4 val, 4 test images of 48x64."""
+    from fcn_pipeline.config import DataParams, PatchesParams, StatsParams, SyntheticParams
+    from fcn_pipeline.ingest import ingest
+    from fcn_pipeline.patches import extract_patches
+    from fcn_pipeline.stats import compute_stats
+
+    root = tmp_path_factory.mktemp("tiny")
+    synthetic = SyntheticParams(height=48, width=64, splits={"train": 8, "val": 4, "test": 4})
+    ingest(DataParams(workers=1, shard_size=3, synthetic=synthetic), root / "ingested")
+    compute_stats(StatsParams(data=str(root / "ingested"), workers=1), root / "stats")
+    extract_patches(
+        PatchesParams(
+            data=str(root / "ingested"), stats=str(root / "stats"), workers=1, patches_per_image=4
+        ),
+        root / "patches",
+    )
+    return root
+
+
+def copy_project(dest: Path) -> Path:
+    """Copy the project's files into ``dest`` as its own git repository (one commit).
+
+    Serves ``project_copy`` and fixtures of a wider scope (a module-wide copy
+    shared by the tests of a running Prefect server, for instance).
+    """
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO, check=True, capture_output=True, text=True,
@@ -78,9 +113,12 @@ def project_copy(tmp_path: Path) -> Path:
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
-    subprocess.run(["git", "config", "user.name", "test"], cwd=dest, check=True)
-    subprocess.run(["git", "config", "user.email", "test@example.invalid"], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run(["git", "commit", "-q", "-m", "copy"], cwd=dest, check=True)
+    for command in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "config", "user.name", "test"],
+        ["git", "config", "user.email", "test@example.invalid"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-q", "-m", "copy"],
+    ):
+        subprocess.run(command, cwd=dest, check=True)
     return dest

@@ -40,3 +40,56 @@ def test_dvc_repro_ingest_then_up_to_date(project_copy, prefect_api_url):
     (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stale = dvc(project_copy, "status", "ingest", env=env)
     assert "params.yaml" in stale.stdout and "modified:" in stale.stdout, stale.stdout
+
+
+def test_dvc_repro_whole_pipeline_then_metrics_and_plots(project_copy, prefect_api_url):
+    """ingest -> stats -> patches -> train 32s/16s/8s -> evaluate, on a tiny configuration."""
+    env = project_env(prefect_api_url)
+    params = yaml.safe_load((project_copy / "params.yaml").read_text())
+    params["data"]["synthetic"].update(
+        height=48, width=64, splits={"train": 4, "val": 2, "test": 2}
+    )
+    params["data"]["workers"] = params["stats"]["workers"] = params["patches"]["workers"] = 1
+    params["patches"]["patches_per_image"] = 2
+    params["train"].update(
+        width=0.03125,
+        epochs={"fcn32s": 1, "fcn16s": 1, "fcn8s": 1, "fcn8s_atonce": 1},
+        batch_size=2,
+        workers=0,
+        device="cpu",
+    )
+    params["evaluate"].update(workers=0, overlays=2, device="cpu")
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    run = dvc(project_copy, "repro", env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for variant in ("fcn32s", "fcn16s", "fcn8s"):
+        assert (project_copy / "models" / variant / "model.pt").is_file()
+        assert (project_copy / "models" / variant / "checkpoint.pt").is_file()
+        overlays = sorted((project_copy / "evaluation" / variant / "overlays").iterdir())
+        assert len(overlays) == 2
+        live = json.loads((project_copy / "dvclive" / variant / "metrics.json").read_text())
+        assert 0.0 <= live["val_mean_iu"] <= 1.0 and live["step"] == 1
+
+    shown = dvc(project_copy, "metrics", "show", "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    revisions = json.loads(shown.stdout)  # the workspace is "" (or "workspace")
+    workspace = revisions.get("", revisions.get("workspace"))["data"]
+    for variant in ("fcn32s", "fcn16s", "fcn8s"):
+        metrics = workspace[f"metrics/{variant}.json"]["data"]
+        assert set(metrics) >= {"pixel_acc", "mean_acc", "mean_iu", "fw_iu", "per_class_iu"}
+        assert 0.0 <= metrics["mean_iu"] <= 1.0
+
+    plots = dvc(project_copy, "plots", "show", "--json", env=env)
+    assert plots.returncode == 0, plots.stderr
+    drawn = json.loads(plots.stdout)["data"]
+    assert "evaluation/fcn8s/confusion.csv" in drawn and "val_mean_iu" in drawn
+
+    status = dvc(project_copy, "status", env=env)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+
+    # One training knob reruns training and evaluation, not ingest/stats/patches.
+    params["train"]["loss_sampling"] = 0.5
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = dvc(project_copy, "status", env=env)
+    assert "train_fcn32s" in stale.stdout and "ingest" not in stale.stdout, stale.stdout

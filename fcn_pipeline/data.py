@@ -1,0 +1,267 @@
+"""PyTorch datasets and loaders over the ingested Parquet shards.
+
+An ingested dataset (or a patch set from the patches stage, which has the same
+layout with a single ``train`` split) is indexed once: one ``(shard, row)`` pair
+per image. Images are decoded lazily in ``__getitem__``, so the DataLoader's
+worker processes are the ones that read the shards and decode the PNG/JPEG
+bytes; each process keeps the shards it has opened memory-mapped (shards are
+written without Parquet compression, so a row is read without a copy of the
+whole file).
+
+Images of different sizes are batched by padding (:func:`pad_collate`): the
+image with zeros after normalisation (the mean colour) and the mask with the
+ignore label 255, so padded pixels never enter the loss or the metrics.
+Evaluation batches only images of the same size (:class:`SameSizeBatchSampler`),
+so every image is predicted at its native size with no padding at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fcn_pipeline.errors import DatasetError
+from fcn_pipeline.store import (
+    IGNORE_INDEX,
+    DatasetMeta,
+    decode_image,
+    decode_mask,
+    read_dataset_meta,
+    shard_paths,
+)
+
+# ImageNet statistics: a pretrained VGG16 expects inputs normalised with them, and a
+# net trained from scratch does not mind.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Shards opened by this process (a DataLoader worker or the main process).
+_OPEN_SHARDS: dict[str, pa.Table] = {}
+
+
+def _shard_table(path: str) -> pa.Table:
+    table = _OPEN_SHARDS.get(path)
+    if table is None:
+        try:
+            table = pq.read_table(path, columns=["id", "image", "mask"], memory_map=True)
+        except (OSError, pa.ArrowInvalid) as error:
+            raise DatasetError(f"{path}: cannot read Parquet shard: {error}") from None
+        _OPEN_SHARDS[path] = table
+    return table
+
+
+def normalize_image(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 RGB -> ``(3, H, W)`` float32, ImageNet-normalised."""
+    tensor = (
+        torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+        .permute(2, 0, 1)
+        .float()
+        .div_(255.0)
+    )
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return tensor.sub_(mean).div_(std)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One decoded image: ``image`` (3, H, W) float32, ``mask`` (H, W) int64, its ``id``."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    id: str
+
+
+class SegmentationDataset(Dataset):
+    """The images of one split of an ingested dataset (or patch set).
+
+    ``dataset[i]`` is a :class:`Sample`: the normalised ``(3, H, W)`` float32 image,
+    the ``(H, W)`` int64 mask (class ids, 255 = ignore) and the image id. Images are
+    in shard order, i.e. the order the ingest stage wrote them.
+
+    Raises :class:`DatasetError` naming the path if the dataset, the split or a
+    shard is missing or unreadable.
+    """
+
+    def __init__(self, root: str | Path, split: str):
+        self.root = Path(root)
+        self.split = split
+        self.meta: DatasetMeta = read_dataset_meta(self.root)
+        self.shards = [str(path) for path in shard_paths(self.root, split, self.meta)]
+        index: list[tuple[int, int]] = []
+        sizes: list[tuple[int, int]] = []
+        for shard_number, path in enumerate(self.shards):
+            try:
+                table = pq.read_table(path, columns=["height", "width"])
+            except (OSError, pa.ArrowInvalid, KeyError) as error:
+                raise DatasetError(f"{path}: cannot read Parquet shard: {error}") from None
+            heights = table.column("height").to_pylist()
+            widths = table.column("width").to_pylist()
+            index += [(shard_number, row) for row in range(len(heights))]
+            sizes += list(zip(heights, widths, strict=True))
+        if not index:
+            raise DatasetError(f"{self.root}: split {split!r} has no images")
+        self.index = index
+        self.sizes = sizes  # (height, width) per image, without decoding anything
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta.num_classes
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Sample:
+        shard_number, row = self.index[i]
+        path = self.shards[shard_number]
+        table = _shard_table(path)
+        try:
+            image = decode_image(table.column("image")[row].as_py())
+            mask = decode_mask(table.column("mask")[row].as_py())
+        except (OSError, ValueError) as error:
+            raise DatasetError(f"{path}: row {row} does not decode: {error}") from None
+        if image.shape[:2] != mask.shape:
+            raise DatasetError(
+                f"{path}: row {row} has image {image.shape[:2]} but mask {mask.shape}"
+            )
+        return Sample(
+            image=normalize_image(image),
+            mask=torch.from_numpy(mask.astype(np.int64)),
+            id=str(table.column("id")[row].as_py()),
+        )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """``images`` (N, 3, H, W) float32, ``masks`` (N, H, W) int64, ``ids`` (N strings),
+    ``sizes`` (N (height, width) pairs before padding)."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    ids: list[str]
+    sizes: list[tuple[int, int]]
+
+    def pin_memory(self) -> Batch:
+        return Batch(self.images.pin_memory(), self.masks.pin_memory(), self.ids, self.sizes)
+
+
+def pad_collate(samples: Sequence[Sample], ignore_index: int = IGNORE_INDEX) -> Batch:
+    """Stack samples into a :class:`Batch`, padding to the largest height and width.
+
+    Padding goes to the bottom and right: images with 0 (the mean colour after
+    normalisation), masks with ``ignore_index`` so padded pixels count nowhere.
+    """
+    height = max(sample.image.shape[1] for sample in samples)
+    width = max(sample.image.shape[2] for sample in samples)
+    images = torch.zeros((len(samples), 3, height, width), dtype=torch.float32)
+    masks = torch.full((len(samples), height, width), ignore_index, dtype=torch.int64)
+    for i, sample in enumerate(samples):
+        h, w = sample.mask.shape
+        images[i, :, :h, :w] = sample.image
+        masks[i, :h, :w] = sample.mask
+    return Batch(
+        images=images,
+        masks=masks,
+        ids=[sample.id for sample in samples],
+        sizes=[tuple(sample.mask.shape) for sample in samples],
+    )
+
+
+class SameSizeBatchSampler(Sampler[list[int]]):
+    """Batches of at most ``batch_size`` indices whose images share one size.
+
+    Groups keep the dataset order (first appearance of each size), so the batches
+    are deterministic; nothing is padded when the batches are collated.
+    """
+
+    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int):
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(tuple(size), []).append(i)
+        self.batches = [
+            indices[start : start + batch_size]
+            for indices in groups.values()
+            for start in range(0, len(indices), batch_size)
+        ]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker's torch seed derives from the loader's generator; numpy follows it.
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def resolve_workers(workers: int) -> int:
+    """``workers`` DataLoader processes; ``-1`` = one per CPU core minus one (at least 0)."""
+    if workers >= 0:
+        return workers
+    return max(0, (torch.get_num_threads() or 1) - 1)
+
+
+def train_loader(
+    dataset: SegmentationDataset,
+    batch_size: int,
+    *,
+    seed: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A shuffling loader whose order depends only on ``seed`` (padded batches)."""
+    generator = torch.Generator().manual_seed(seed)
+    workers = resolve_workers(workers)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=workers,
+        collate_fn=pad_collate,
+        pin_memory=pin_memory,
+        drop_last=drop_last and len(dataset) >= batch_size,
+        worker_init_fn=_seed_worker,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def eval_loader(
+    dataset: SegmentationDataset, batch_size: int, *, workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """A loader in dataset order that batches same-size images only (native resolution)."""
+    workers = resolve_workers(workers)
+    return DataLoader(
+        dataset,
+        batch_sampler=SameSizeBatchSampler(dataset.sizes, batch_size),
+        num_workers=workers,
+        collate_fn=pad_collate,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Batch",
+    "SameSizeBatchSampler",
+    "Sample",
+    "SegmentationDataset",
+    "eval_loader",
+    "normalize_image",
+    "pad_collate",
+    "resolve_workers",
+    "train_loader",
+]

@@ -1,0 +1,268 @@
+"""Evaluating a trained FCN with the paper's metrics, at native resolution.
+
+Each image of the chosen split is predicted at its own size (batches hold only
+images of one size, nothing is resized or padded), the confusion histogram is
+accumulated over all non-ignored pixels, and :func:`segmentation_scores` turns
+it into pixel accuracy, mean accuracy, mean IU and frequency-weighted IU.
+
+Outputs of one variant:
+
+- ``<metrics>/<variant>.json``: the four scores, per-class IU and accuracy, and
+  what was evaluated (split, images, pixels).
+- ``<out>/<variant>/confusion.csv``: the row-normalised K x K confusion matrix
+  as K * K rows ``actual,predicted,share,pixels`` (one row per cell, never one
+  per pixel), which DVC draws as a heatmap with ``.dvc/plots/confusion_share.json``.
+- ``<out>/<variant>/confusion.png``: the same matrix drawn with matplotlib.
+- ``<out>/<variant>/overlays/NN-<id>.png``: image | ground truth | prediction for
+  ``evaluate.overlays`` images evenly spaced over the split (always the same ones).
+
+Everything is written atomically; a failure leaves earlier outputs intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fcn_pipeline.atomic import atomic_output_dir, atomic_write_json
+from fcn_pipeline.config import EvaluateParams
+from fcn_pipeline.data import IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, eval_loader
+from fcn_pipeline.errors import ConfigError
+from fcn_pipeline.metrics import confusion_matrix, segmentation_scores
+from fcn_pipeline.training import MODEL_FILE, autocast, load_model, resolve_device
+
+VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
+IGNORE_COLOR = (255, 255, 255)
+
+
+@torch.no_grad()
+def predict_and_count(
+    model: nn.Module,
+    dataset: SegmentationDataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+    keep: set[int] | None = None,
+) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
+    """The ``(K, K)`` int64 confusion histogram over ``dataset`` and the ``(H, W)`` uint8
+    predictions of the images whose index is in ``keep``."""
+    model.eval().to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    k = dataset.num_classes
+    hist = torch.zeros((k, k), dtype=torch.int64, device=device)
+    kept: dict[int, np.ndarray] = {}
+    loader = eval_loader(dataset, batch_size, workers=workers, pin_memory=device.type == "cuda")
+    for indices, batch in zip(loader.batch_sampler, loader, strict=True):
+        x = batch.images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            pred = model(x).argmax(dim=1)
+        hist += confusion_matrix(pred, batch.masks.to(device, non_blocking=True), k)
+        for position, index in enumerate(indices):
+            if keep and index in keep:
+                kept[index] = pred[position].to(torch.uint8).cpu().numpy()
+    return hist.cpu(), kept
+
+
+def overlay_indices(count: int, images: int) -> list[int]:
+    """``count`` image indices evenly spaced over ``images`` (deterministic, distinct)."""
+    if count <= 0 or images <= 0:
+        return []
+    return sorted({int(i) for i in np.linspace(0, images - 1, min(count, images)).round()})
+
+
+def colorize(mask: np.ndarray, colors: list[list[int]]) -> np.ndarray:
+    """``(H, W)`` uint8 class ids -> ``(H, W, 3)`` uint8 RGB (ignore in white)."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[:] = IGNORE_COLOR
+    palette[: len(colors)] = np.asarray(colors, dtype=np.uint8)
+    return palette[mask]
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` normalised float32 -> ``(H, W, 3)`` uint8 RGB."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (image * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return rgb.permute(1, 2, 0).numpy()
+
+
+def overlay_png(
+    image: np.ndarray, truth: np.ndarray, pred: np.ndarray, colors: list[list[int]]
+) -> bytes:
+    """PNG of image | ground truth blended on the image | prediction blended on the image."""
+    from PIL import Image
+
+    def blend(mask: np.ndarray) -> np.ndarray:
+        return (0.4 * image + 0.6 * colorize(mask, colors)).round().astype(np.uint8)
+
+    gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
+    row = np.concatenate([image, gap, blend(truth), gap, blend(pred)], axis=1)
+    buffer = io.BytesIO()
+    Image.fromarray(row).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def row_normalized(hist: torch.Tensor) -> np.ndarray:
+    """``(K, K)`` float64 shares per ground-truth row (rows without pixels stay 0)."""
+    counts = hist.to(torch.float64).numpy()
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def write_confusion_csv(path: Path, hist: torch.Tensor, class_names: list[str]) -> None:
+    """K * K rows ``actual,predicted,share,pixels`` (share normalised per actual class)."""
+    shares = row_normalized(hist)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["actual", "predicted", "share", "pixels"])
+        for i, actual in enumerate(class_names):
+            for j, predicted in enumerate(class_names):
+                writer.writerow([actual, predicted, f"{shares[i, j]:.6f}", int(hist[i, j])])
+
+
+def write_confusion_png(path: Path, hist: torch.Tensor, class_names: list[str], title: str) -> None:
+    """A row-normalised confusion matrix heatmap with the share in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = row_normalized(hist)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k), dpi=100)
+    ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    for i in range(k):
+        for j in range(k):
+            color = "white" if shares[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", color=color, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN float replaced by ``None`` (strict JSON for DVC)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_safe(item) for item in value]
+    return value
+
+
+@dataclass
+class EvaluationResult:
+    variant: str
+    metrics: dict[str, Any]
+    metrics_path: Path
+    out: Path
+    seconds: float
+
+
+def evaluate_variant(
+    params: EvaluateParams, variant: str, *, log: Callable[[str], None] = print
+) -> EvaluationResult:
+    """Evaluate ``<models>/<variant>/model.pt`` on ``params.split`` of ``params.data``.
+
+    Raises :class:`ConfigError` for an unknown variant, :class:`DatasetError` for a
+    missing dataset or split, :class:`CheckpointError` for a missing or corrupt model
+    or one trained on other classes; nothing is written then.
+    """
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    start = time.perf_counter()
+    dataset = SegmentationDataset(params.data, params.split)
+    meta = dataset.meta
+    model_path = Path(params.models) / variant / MODEL_FILE
+    model = load_model(model_path, meta.class_names)
+    device = resolve_device(params.device)
+    chosen = overlay_indices(params.overlays, len(dataset))
+    old_threads = torch.get_num_threads()
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    try:
+        hist, predictions = predict_and_count(
+            model,
+            dataset,
+            batch_size=params.batch_size,
+            device=device,
+            workers=params.workers,
+            keep=set(chosen),
+        )
+    finally:
+        torch.set_num_threads(old_threads)
+    scores = segmentation_scores(hist)
+    metrics: dict[str, Any] = {
+        "pixel_acc": scores["pixel_acc"],
+        "mean_acc": scores["mean_acc"],
+        "mean_iu": scores["mean_iu"],
+        "fw_iu": scores["fw_iu"],
+        "per_class_iu": dict(zip(meta.class_names, scores["per_class_iu"], strict=True)),
+        "per_class_acc": dict(zip(meta.class_names, scores["per_class_acc"], strict=True)),
+        "split": params.split,
+        "images": len(dataset),
+        "pixels": int(hist.sum()),
+        "model": model.variant,
+    }
+
+    out = Path(params.out) / variant
+    with atomic_output_dir(out) as tmp:
+        write_confusion_csv(tmp / "confusion.csv", hist, meta.class_names)
+        write_confusion_png(
+            tmp / "confusion.png",
+            hist,
+            meta.class_names,
+            f"{model.variant} on {params.split}: mean IU {scores['mean_iu']:.3f}",
+        )
+        overlays = tmp / "overlays"
+        overlays.mkdir()
+        for number, index in enumerate(chosen):
+            sample = dataset[index]
+            mask = sample.mask.numpy().astype(np.uint8)  # ignore stays 255 (white)
+            png = overlay_png(
+                denormalize(sample.image), mask, predictions[index], meta.class_colors
+            )
+            (overlays / f"{number:02d}-{sample.id}.png").write_bytes(png)
+    metrics_path = Path(params.metrics) / f"{variant}.json"
+    atomic_write_json(metrics_path, json_safe(metrics))
+    seconds = time.perf_counter() - start
+    log(
+        f"{variant} on {params.split} ({len(dataset)} images): pixel acc "
+        f"{metrics['pixel_acc']:.4f}, mean acc {metrics['mean_acc']:.4f}, mean IU "
+        f"{metrics['mean_iu']:.4f}, f.w. IU {metrics['fw_iu']:.4f} ({seconds:.1f} s)"
+    )
+    return EvaluationResult(variant, metrics, metrics_path, out, seconds)
+
+
+__all__ = [
+    "EvaluationResult",
+    "colorize",
+    "evaluate_variant",
+    "json_safe",
+    "overlay_indices",
+    "overlay_png",
+    "predict_and_count",
+    "row_normalized",
+    "write_confusion_csv",
+    "write_confusion_png",
+]

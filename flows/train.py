@@ -1,0 +1,52 @@
+"""The ``train_<variant>`` stages as a Prefect flow, logging every epoch with DVCLive."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from fcn_pipeline.config import TrainParams
+from flows.common import TASK_DEFAULTS, stage_params
+
+
+@task(name="train-fcn", **TASK_DEFAULTS)
+def train_fcn(params: TrainParams, variant: str) -> dict[str, Any]:
+    """Train ``variant`` (resuming from its checkpoint); log epochs to ``<live>/<variant>``."""
+    from dvclive import Live
+
+    from fcn_pipeline.training import train_variant
+
+    logger = get_run_logger()
+    # dvcyaml=False: dvc.yaml declares the plots and metrics; save_dvc_exp=False: the
+    # run is a `dvc repro`/`dvc exp run` stage, not an experiment of its own.
+    with Live(
+        dir=f"{params.live}/{variant}", dvcyaml=False, save_dvc_exp=False, report=None
+    ) as live:
+
+        def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+            live.step = epoch
+            for name, value in metrics.items():
+                live.log_metric(name, value)
+            live.next_step()
+
+        result = train_variant(params, variant, on_epoch_end=on_epoch_end, log=logger.info)
+    final = result.history[-1] if result.history else {}
+    logger.info(
+        "%s: %d epochs (%d restored from the checkpoint), final val mean IU %s; wrote %s",
+        result.variant,
+        result.epochs,
+        result.resumed_from,
+        f"{final['val_mean_iu']:.4f}" if final else "n/a",
+        result.model_path,
+    )
+    return {"model": str(result.model_path), "epochs": result.epochs, "final": final}
+
+
+@flow(name="train", log_prints=True)
+def train_flow(
+    variant: str, params_file: str = "params.yaml", overrides: dict[str, Any] | None = None
+) -> dict:
+    """Run the ``train_<variant>`` stage with ``params_file`` (``train:``) and overrides."""
+    params = stage_params(params_file, overrides).train
+    return train_fcn(params, variant)

@@ -1,0 +1,223 @@
+"""Training: staged variants, patch mode, determinism, resume, and bad input."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import fcn_pipeline.training as training
+from fcn_pipeline.config import ConfigError, TrainParams, parse_params
+from fcn_pipeline.errors import CheckpointError, DatasetError, TrainingDivergedError
+from fcn_pipeline.stats import load_class_weights
+from fcn_pipeline.training import (
+    CHECKPOINT_FILE,
+    MODEL_FILE,
+    class_weights_for,
+    load_model,
+    poly_factor,
+    train_variant,
+)
+from flows.cli import main as cli_main
+
+
+def tiny_params(tiny_data: Path, out: Path, **changes) -> TrainParams:
+    settings = {
+        "data": str(tiny_data / "ingested"),
+        "patches": str(tiny_data / "patches"),
+        "stats": str(tiny_data / "stats"),
+        "out": str(out),
+        "width": 0.03125,
+        "epochs": {"fcn32s": 1, "fcn16s": 1, "fcn8s": 1, "fcn8s_atonce": 1},
+        "batch_size": 4,
+        "eval_batch_size": 4,
+        "device": "cpu",
+        "workers": 0,
+        "seed": 3,
+        **changes,
+    }
+    return TrainParams(**settings)
+
+
+def state_dicts_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def model_state(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_same_params_and_seed_give_identical_models_and_metrics(tiny_data, tmp_path):
+    runs = [
+        train_variant(tiny_params(tiny_data, tmp_path / name, loss_sampling=0.5), "fcn32s")
+        for name in ("a", "b")
+    ]
+    assert runs[0].history[0]["train_loss"] == runs[1].history[0]["train_loss"]
+    for key in ("val_mean_iu", "val_pixel_acc"):
+        assert runs[0].history[0][key] == runs[1].history[0][key]
+    assert state_dicts_equal(model_state(runs[0].model_path), model_state(runs[1].model_path))
+    # A different seed trains a different net.
+    other = train_variant(tiny_params(tiny_data, tmp_path / "c", seed=4), "fcn32s")
+    assert not state_dicts_equal(model_state(other.model_path), model_state(runs[0].model_path))
+
+
+def test_staged_training_starts_each_variant_from_the_coarser_model(tiny_data, tmp_path):
+    params = tiny_params(tiny_data, tmp_path, epochs={"fcn32s": 1, "fcn16s": 0, "fcn8s": 1})
+    train_variant(params, "fcn32s")
+    # 0 epochs: FCN-16s is exactly its initialisation from FCN-32s.
+    result = train_variant(params, "fcn16s")
+    fcn32s, fcn16s = model_state(tmp_path / "fcn32s" / MODEL_FILE), model_state(result.model_path)
+    for key in fcn32s:
+        if key in fcn16s:
+            assert torch.equal(fcn32s[key], fcn16s[key]), key
+    assert not fcn16s["score_pool4.weight"].any()  # new skip starts at zero
+    fcn8s = train_variant(params, "fcn8s")
+    assert load_model(fcn8s.model_path).variant == "fcn8s"
+
+
+def test_at_once_trains_fcn8s_without_a_coarser_model(tiny_data, tmp_path):
+    result = train_variant(tiny_params(tiny_data, tmp_path, at_once=True), "fcn8s")
+    assert result.variant == "fcn8s_atonce"
+    assert load_model(result.model_path).variant == "fcn8s_atonce"
+
+
+def test_patch_mode_trains_on_the_patches(tiny_data, tmp_path):
+    full = train_variant(tiny_params(tiny_data, tmp_path / "full"), "fcn32s")
+    patch = train_variant(tiny_params(tiny_data, tmp_path / "patch", mode="patch"), "fcn32s")
+    assert full.history[0]["train_images"] == 8  # whole images
+    assert patch.history[0]["train_images"] == 32  # 8 images x 4 patches of 32x32
+
+
+class InterruptError(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_from_its_last_epoch(tiny_data, tmp_path):
+    epochs = {"fcn32s": 3, "fcn16s": 1, "fcn8s": 1}
+    reference = train_variant(tiny_params(tiny_data, tmp_path / "ref", epochs=epochs), "fcn32s")
+
+    params = tiny_params(tiny_data, tmp_path / "run", epochs=epochs)
+
+    def kill_after_first_epoch(epoch: int, metrics: dict) -> None:
+        if epoch == 1:
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        train_variant(params, "fcn32s", on_epoch_end=kill_after_first_epoch)
+    assert (tmp_path / "run" / "fcn32s" / CHECKPOINT_FILE).is_file()
+    assert not (tmp_path / "run" / "fcn32s" / MODEL_FILE).exists()
+
+    seen: list[int] = []
+    resumed = train_variant(params, "fcn32s", on_epoch_end=lambda e, m: seen.append(e))
+    assert resumed.resumed_from == 1
+    assert seen == [1, 2, 3]  # epoch 1 replayed from the checkpoint, then 2 and 3 trained
+    assert [h["train_loss"] for h in resumed.history] == [
+        h["train_loss"] for h in reference.history
+    ]
+    assert state_dicts_equal(model_state(resumed.model_path), model_state(reference.model_path))
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(tiny_data, tmp_path):
+    train_variant(tiny_params(tiny_data, tmp_path), "fcn32s")
+    again = train_variant(tiny_params(tiny_data, tmp_path, lr=5e-4), "fcn32s")
+    assert again.resumed_from == 0
+
+
+def test_class_weights_come_from_the_stats_output(tiny_data, tmp_path):
+    params = tiny_params(tiny_data, tmp_path, class_weighting="median_frequency")
+    weights = class_weights_for(
+        params, ["background", "bus", "disc", "triangle", "checker", "pole"]
+    )
+    expected = load_class_weights(tiny_data / "stats", "median_frequency")
+    assert torch.allclose(weights.double(), torch.from_numpy(expected).double(), rtol=1e-6)
+    assert class_weights_for(tiny_params(tiny_data, tmp_path), ["a", "b"]) is None
+    result = train_variant(params, "fcn32s")
+    assert result.history[0]["train_images"] == 8
+
+
+def test_missing_stats_file_is_a_clear_error(tiny_data, tmp_path):
+    params = tiny_params(
+        tiny_data, tmp_path / "m", stats=str(tmp_path / "no-stats"), class_weighting="enet"
+    )
+    with pytest.raises(DatasetError, match=r"stats\.json"):
+        train_variant(params, "fcn32s")
+    assert not (tmp_path / "m").exists()
+
+
+def test_missing_or_mismatched_coarser_model_is_a_clear_error(tiny_data, tmp_path):
+    params = tiny_params(tiny_data, tmp_path)
+    with pytest.raises(CheckpointError, match=r"fcn32s/model\.pt: not found"):
+        train_variant(params, "fcn16s")
+    # An FCN-32s trained on 3 classes cannot start a 6-class FCN-16s.
+    model = training.build_fcn("fcn32s", 3, width=0.03125)
+    training.save_file(
+        tmp_path / "fcn32s" / MODEL_FILE, training.model_record(model, ["a", "b", "c"])
+    )
+    with pytest.raises(CheckpointError, match="3 classes"):
+        train_variant(params, "fcn16s")
+    assert not (tmp_path / "fcn16s" / MODEL_FILE).exists()
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_overwrites_nothing(tiny_data, tmp_path):
+    params = tiny_params(tiny_data, tmp_path)
+    train_variant(params, "fcn32s")
+    model_file = tmp_path / "fcn32s" / MODEL_FILE
+    before = model_file.read_bytes()
+    checkpoint = tmp_path / "fcn32s" / CHECKPOINT_FILE
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=re.escape(f"{checkpoint}: corrupt")):
+        train_variant(params, "fcn32s")
+    assert model_file.read_bytes() == before
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(checkpoint)
+
+
+def test_nan_loss_stops_with_the_step_and_learning_rate(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        training, "segmentation_loss", lambda logits, *a, **k: logits.sum() * float("nan")
+    )
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 0 .*learning rate"):
+        train_variant(tiny_params(tiny_data, tmp_path), "fcn32s")
+    assert not (tmp_path / "fcn32s" / MODEL_FILE).exists()
+
+
+def test_poly_schedule():
+    assert poly_factor(0, 10, 0.9) == 1.0
+    assert poly_factor(5, 10, 1.0) == 0.5
+    assert poly_factor(10, 10, 0.9) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("train.mode", "tiles", "train.mode"),
+        ("train.class_weighting", "sqrt", "train.class_weighting"),
+        ("train.loss_sampling", 0.0, "train.loss_sampling"),
+        ("train.loss_sampling", 1.5, "train.loss_sampling"),
+        ("train.optimizer", "lbfgs", "train.optimizer"),
+        ("train.epochs.fcn64s", 3, "train.epochs.fcn64s"),
+        ("evaluate.split", "dev", "evaluate.split"),
+    ],
+)
+def test_bad_train_params_name_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_params({}, overrides={key: value})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--variant", "fcn64s"], "unknown variant 'fcn64s'"),
+        (["train", "--variant", "fcn32s", "--loss-sampling", "0"], "train.loss_sampling"),
+        (["train", "--variant", "fcn32s", "--mode", "tiles"], "train.mode"),
+        (["evaluate", "--variant", "fcn4s"], "unknown variant 'fcn4s'"),
+    ],
+)
+def test_cli_rejects_bad_input_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert cli_main(argv) == 1
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]
