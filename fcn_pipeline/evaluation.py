@@ -38,14 +38,13 @@ from fcn_pipeline.atomic import atomic_output_dir, atomic_write_json
 from fcn_pipeline.config import EvaluateParams
 from fcn_pipeline.data import IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, eval_loader
 from fcn_pipeline.errors import ConfigError
-from fcn_pipeline.metrics import confusion_matrix, segmentation_scores
-from fcn_pipeline.training import MODEL_FILE, autocast, load_model, resolve_device
+from fcn_pipeline.metrics import segmentation_scores
+from fcn_pipeline.training import MODEL_FILE, load_model, predict_batches, resolve_device
 
 VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
 IGNORE_COLOR = (255, 255, 255)
 
 
-@torch.no_grad()
 def predict_and_count(
     model: nn.Module,
     dataset: SegmentationDataset,
@@ -60,21 +59,8 @@ def predict_and_count(
     model.eval().to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    k = dataset.num_classes
-    hist = torch.zeros((k, k), dtype=torch.int64, device=device)
-    kept: dict[int, np.ndarray] = {}
     loader = eval_loader(dataset, batch_size, workers=workers, pin_memory=device.type == "cuda")
-    for indices, batch in zip(loader.batch_sampler, loader, strict=True):
-        x = batch.images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            pred = model(x).argmax(dim=1)
-        hist += confusion_matrix(pred, batch.masks.to(device, non_blocking=True), k)
-        for position, index in enumerate(indices):
-            if keep and index in keep:
-                kept[index] = pred[position].to(torch.uint8).cpu().numpy()
-    return hist.cpu(), kept
+    return predict_batches(model, loader, dataset.num_classes, device, keep or frozenset())
 
 
 def overlay_indices(count: int, images: int) -> list[int]:

@@ -299,6 +299,35 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+def predict_batches(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    num_classes: int,
+    device: torch.device,
+    keep: set[int] | frozenset[int] = frozenset(),
+) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
+    """The ``(K, K)`` int64 confusion histogram of ``model`` over ``loader`` (on CPU),
+    and the ``(H, W)`` uint8 predictions of the dataset indices in ``keep``.
+
+    ``loader`` must come from :func:`fcn_pipeline.data.eval_loader` (its batch
+    sampler names the dataset indices of each batch).
+    """
+    model.eval()
+    hist = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+    kept: dict[int, np.ndarray] = {}
+    for indices, batch in zip(loader.batch_sampler, loader, strict=True):
+        x = batch.images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            pred = model(x).argmax(dim=1)
+        hist += confusion_matrix(pred, batch.masks.to(device, non_blocking=True), num_classes)
+        for position, index in enumerate(indices):
+            if index in keep:
+                kept[index] = pred[position].to(torch.uint8).cpu().numpy()
+    return hist.cpu(), kept
+
+
 def evaluate(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -306,16 +335,7 @@ def evaluate(
     device: torch.device,
 ) -> torch.Tensor:
     """The ``(K, K)`` int64 confusion histogram of ``model`` over ``loader`` (on CPU)."""
-    model.eval()
-    hist = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
-    for batch in loader:
-        x = batch.images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            pred = model(x).argmax(dim=1)
-        hist += confusion_matrix(pred, batch.masks.to(device, non_blocking=True), num_classes)
-    return hist.cpu()
+    return predict_batches(model, loader, num_classes, device)[0]
 
 
 # --- the whole training -------------------------------------------------------------
@@ -556,6 +576,7 @@ __all__ = [
     "load_model",
     "model_record",
     "poly_factor",
+    "predict_batches",
     "resolve_device",
     "run_fingerprint",
     "train_one_epoch",

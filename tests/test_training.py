@@ -91,7 +91,7 @@ def test_patch_mode_trains_on_the_patches(tiny_data, tmp_path):
 
 
 class InterruptError(Exception):
-    pass
+    """Stands for a kill between two epochs."""
 
 
 def test_an_interrupted_run_resumes_from_its_last_epoch(tiny_data, tmp_path):
