@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -135,6 +135,7 @@ class PatchesParams(StrictModel):
 
 # The staged FCN variants (FCN-8s may instead be trained at once, see TrainParams.at_once).
 StagedVariant = Literal["fcn32s", "fcn16s", "fcn8s"]
+STAGED_VARIANTS: tuple[str, ...] = get_args(StagedVariant)
 Variant = Literal["fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce"]
 TrainMode = Literal["full", "patch"]
 UpsampleMode = Literal["learned", "frozen", "interp"]
@@ -267,3 +268,11 @@ def load_params(
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     return parse_params(raw, source=str(path), overrides=overrides)
+
+
+def check_staged_variant(variant: str, name: str = "variant") -> None:
+    """Raise :class:`ConfigError` unless ``variant`` is one of the staged FCN variants."""
+    if variant not in STAGED_VARIANTS:
+        raise ConfigError(
+            f"{name}: unknown variant {variant!r}; expected one of {', '.join(STAGED_VARIANTS)}"
+        )

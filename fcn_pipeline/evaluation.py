@@ -35,13 +35,11 @@ import torch
 from torch import nn
 
 from fcn_pipeline.atomic import atomic_output_dir, atomic_write_json
-from fcn_pipeline.config import EvaluateParams
+from fcn_pipeline.config import EvaluateParams, check_staged_variant
 from fcn_pipeline.data import IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, eval_loader
-from fcn_pipeline.errors import ConfigError
 from fcn_pipeline.metrics import segmentation_scores
 from fcn_pipeline.training import MODEL_FILE, load_model, predict_batches, resolve_device
 
-VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
 IGNORE_COLOR = (255, 255, 255)
 
 
@@ -174,8 +172,7 @@ def evaluate_variant(
     missing dataset or split, :class:`CheckpointError` for a missing or corrupt model
     or one trained on other classes; nothing is written then.
     """
-    if variant not in VARIANTS:
-        raise ConfigError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    check_staged_variant(variant)
     start = time.perf_counter()
     dataset = SegmentationDataset(params.data, params.split)
     meta = dataset.meta

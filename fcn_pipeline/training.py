@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcn_pipeline.config import TrainParams
+from fcn_pipeline.config import TrainParams, check_staged_variant
 from fcn_pipeline.data import SegmentationDataset, eval_loader, train_loader
 from fcn_pipeline.errors import CheckpointError, ConfigError, DatasetError, TrainingDivergedError
 from fcn_pipeline.losses import loss_sampling_mask, segmentation_loss
@@ -402,8 +402,7 @@ def train_variant(
     or :class:`TrainingDivergedError` with a message naming the key or file;
     ``model.pt`` is written only after the last epoch, atomically.
     """
-    if variant not in ("fcn32s", "fcn16s", "fcn8s"):
-        raise ConfigError(f"unknown variant {variant!r}; expected fcn32s, fcn16s or fcn8s")
+    check_staged_variant(variant)
     net = "fcn8s_atonce" if variant == "fcn8s" and params.at_once else variant
     if net not in params.epochs:
         raise ConfigError(f"train.epochs has no entry for {net!r}")

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from fcn_pipeline.config import load_params
-from fcn_pipeline.errors import ConfigError, PipelineError
+from fcn_pipeline.config import check_staged_variant, load_params
+from fcn_pipeline.errors import PipelineError
 
 
 def _ingest(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
@@ -32,14 +32,6 @@ def _patches(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     from flows.patches import patches_flow
 
     return patches_flow(params_file=args.params, overrides=overrides)
-
-
-VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
-
-
-def _check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ConfigError(f"--variant: unknown variant {variant!r}; expected one of {VARIANTS}")
 
 
 def _train(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
@@ -166,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load_params(args.params, overrides)  # fail fast, before Prefect starts
         if getattr(args, "variant", None) is not None:
-            _check_variant(args.variant)
+            check_staged_variant(args.variant, name="--variant")
         run(args, overrides)
     except PipelineError as error:
         print(f"fcn-pipeline {args.stage}: error: {error}", file=sys.stderr)
