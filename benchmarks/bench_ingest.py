@@ -2,9 +2,11 @@
 
 Usage: python benchmarks/bench_ingest.py [CAMVID_ROOT] [--workers N]
 
-Both figures use the same number of worker processes on the same files: the
-baseline only decodes every image and mask PNG; ingest decodes them once,
-validates, re-encodes the mask and writes Parquet. Target: ingest >= 0.8x.
+Both figures use the same number of processes on the same files: the baseline
+only decodes every image and mask PNG (in a pool started beforehand); ingest
+decodes them once, validates, re-encodes the mask and writes Parquet, and its
+time includes starting its worker processes. Measured with one process and with
+``--workers`` (all cores by default). Target: ingest >= 0.8x.
 """
 
 from __future__ import annotations
@@ -57,19 +59,22 @@ def main() -> None:
         for split in ("train", "val", "test")
         for image in sorted((root / split).glob("*.png"))
     ]
-    # Best of a few alternating rounds, so load from other processes hits both alike.
-    baseline = rate = 0.0
-    for _ in range(args.rounds):
-        baseline = max(baseline, decode_rate(pairs, workers))
-        with tempfile.TemporaryDirectory() as tmp:
-            params = DataParams(format="camvid", root=str(root), workers=workers)
-            result = ingest(params, Path(tmp) / "ingested")
-        rate = max(rate, result.images / result.seconds)
-    print(f"CamVid at {root}: {len(pairs)} image/mask pairs, {workers} worker process(es)")
-    print(f"  PNG decode only (image + mask): {baseline:8.1f} pairs/s")
-    print(f"  ingest (end to end, incl. pool start-up): {rate:8.1f} pairs/s")
-    print(f"  ratio: {rate / baseline:.2f}x (target >= 0.80x)")
-
+    print(f"CamVid at {root}: {len(pairs)} image/mask pairs")
+    # One process (the per-core cost of ingest next to decoding) and all workers
+    # (what a user waits for, the workers' start-up included); best of a few
+    # alternating rounds, so load from other processes hits both alike.
+    for n in sorted({1, workers}):
+        baseline = rate = 0.0
+        for _ in range(args.rounds):
+            baseline = max(baseline, decode_rate(pairs, n))
+            with tempfile.TemporaryDirectory() as tmp:
+                params = DataParams(format="camvid", root=str(root), workers=n)
+                result = ingest(params, Path(tmp) / "ingested")
+            rate = max(rate, result.images / result.seconds)
+        print(f"{n} process(es):")
+        print(f"  PNG decode only (image + mask), warm pool: {baseline:8.1f} pairs/s")
+        print(f"  ingest end to end (start-up included):    {rate:8.1f} pairs/s")
+        print(f"  ratio: {rate / baseline:.2f}x (target >= 0.80x)")
 
 if __name__ == "__main__":
     main()

@@ -26,19 +26,31 @@ def map_shards(
 ) -> Iterator[T]:
     """Yield ``function(*args)`` for each ``args`` in ``calls``, in order.
 
-    With one worker (or one call) everything runs in this process; otherwise in
-    a pool of ``workers`` processes (0 = all cores). Processes are spawned, not
-    forked: the caller may be a threaded process (Prefect, torch), and a fork
-    would copy its held locks. If the consumer stops early or raises, pending
-    calls are cancelled.
+    ``workers`` processes share the calls (0 = all cores): this one and a pool
+    of ``workers - 1`` spawned ones. The pool takes calls from the front; while
+    this process waits for the next result it takes calls from the back that no
+    worker has started yet. So no core idles while the workers start up (a
+    spawned worker spends a good part of a second importing numpy, PIL and
+    pyarrow), and with one worker or one call everything runs here. Processes
+    are spawned, not forked: the caller may be a threaded process (Prefect,
+    torch), and a fork would copy its held locks. If the consumer stops early or
+    raises, pending calls are cancelled.
     """
     workers = min(resolve_workers(workers), max(1, len(calls)))
     if workers == 1:
         yield from (function(*args) for args in calls)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(workers - 1, mp_context=context) as pool:
         try:
-            yield from pool.map(function, *zip(*calls, strict=True))
+            futures = [pool.submit(function, *args) for args in calls]
+            done_here: dict[int, T] = {}
+            back = len(calls) - 1
+            for i, future in enumerate(futures):
+                # Future.cancel() succeeds only for a call no worker has taken.
+                while not future.done() and back > i and futures[back].cancel():
+                    done_here[back] = function(*calls[back])
+                    back -= 1
+                yield done_here.pop(i) if i in done_here else future.result()
         finally:
             pool.shutdown(cancel_futures=True)

@@ -221,9 +221,23 @@ def write_shard(path: Path, rows: Sequence[dict[str, Any]], schema: pa.Schema = 
     patches. Image and mask bytes are already compressed, so Parquet
     compression is off for them; one row group per shard keeps reading simple.
     """
-    table = pa.Table.from_pylist(list(rows), schema=schema)
+    rows = list(rows)
+    table = pa.table(
+        {field.name: pa.array([row[field.name] for row in rows], field.type) for field in schema},
+        schema=schema,
+    )
+    # Dictionary pages and min/max statistics of encoded images cost time and help no
+    # reader: keep them for the small columns only.
+    small = [field.name for field in schema if field.type != pa.binary()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, compression="none", row_group_size=max(1, len(rows)))
+    pq.write_table(
+        table,
+        path,
+        compression="none",
+        row_group_size=max(1, len(rows)),
+        use_dictionary=small,
+        write_statistics=small,
+    )
 
 
 def iter_shard(
