@@ -76,5 +76,6 @@ def main() -> None:
         print(f"  ingest end to end (start-up included):    {rate:8.1f} pairs/s")
         print(f"  ratio: {rate / baseline:.2f}x (target >= 0.80x)")
 
+
 if __name__ == "__main__":
     main()

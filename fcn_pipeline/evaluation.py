@@ -54,9 +54,7 @@ def predict_and_count(
 ) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
     """The ``(K, K)`` int64 confusion histogram over ``dataset`` and the ``(H, W)`` uint8
     predictions of the images whose index is in ``keep``."""
-    model.eval().to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model.eval().to(device, memory_format=torch.channels_last)
     loader = eval_loader(dataset, batch_size, workers=workers, pin_memory=device.type == "cuda")
     return predict_batches(model, loader, dataset.num_classes, device, keep or frozenset())
 

@@ -253,7 +253,6 @@ def train_one_epoch(
 
     model.train()
     cell = params.sampling_cell or model.output_stride
-    channels_last = device.type == "cuda"
     total_loss, images, data_seconds = 0.0, 0, 0.0
     start = tick = time.perf_counter()
     bar = tqdm(
@@ -265,8 +264,7 @@ def train_one_epoch(
         if params.schedule == "poly":
             set_learning_rate(optimizer, poly_factor(step, total_steps, params.poly_power))
         x = batch.images.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         y = batch.masks.to(device, non_blocking=True)
         keep = None
         if params.loss_sampling < 1.0:
@@ -317,8 +315,7 @@ def predict_batches(
     kept: dict[int, np.ndarray] = {}
     for indices, batch in zip(loader.batch_sampler, loader, strict=True):
         x = batch.images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device):
             pred = model(x).argmax(dim=1)
         hist += confusion_matrix(pred, batch.masks.to(device, non_blocking=True), num_classes)
@@ -451,9 +448,9 @@ def train_variant(
             except ValueError as error:
                 raise CheckpointError(f"{init_path}: {error}") from None
             log(f"{net}: initialised from {init_path}")
-        model.to(device)
-        if device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
+        # channels_last on the CPU too: oneDNN's NHWC convolutions train the default
+        # width-0.0625 net 1.24x faster and predict 1.4-1.7x faster (on CUDA, cuDNN's).
+        model.to(device, memory_format=torch.channels_last)
 
         # Optimizer: biases at 2x lr without decay (the reference's groups).
         groups = parameter_groups(model, params.lr, params.weight_decay)
