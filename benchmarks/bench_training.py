@@ -58,6 +58,7 @@ def step_throughput(
                 torch.cuda.synchronize()
             start, images = time.perf_counter(), 0
         x, y = batch.images.to(device), batch.masks.to(device)
+        x = x.contiguous(memory_format=torch.channels_last)  # as training.train_one_epoch
         with autocast(device):
             logits = model(x)
         loss = segmentation_loss(logits, y)
@@ -109,7 +110,8 @@ def main() -> None:
 
         # 2. Training steps alone, on batches already decoded.
         torch.manual_seed(0)
-        model = build_fcn(args.variant, dataset.num_classes, width=width).to(device)
+        model = build_fcn(args.variant, dataset.num_classes, width=width)
+        model.to(device, memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(parameter_groups(model, 1e-3, 5e-4))
         batches = []
         for batch in train_loader(dataset, batch_size, seed=0, workers=0):

@@ -4,17 +4,30 @@
 RGB alone and scores it with the FCN metrics. A dataset on which it does well
 is a colour-lookup toy, not a segmentation problem; the synthetic default is
 built so that it does badly.
+
+``stride_ceiling_scores`` measures the other end: the best an FCN whose scores
+come at a given output stride (32, 16, 8) can do on a split, however well
+trained, because its bilinear upsampling cannot draw finer boundaries.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fcn_pipeline.metrics import confusion_matrix, segmentation_scores
-from fcn_pipeline.store import decode_image, decode_mask, iter_shard, read_dataset_meta, shard_paths
+from fcn_pipeline.store import (
+    IGNORE_INDEX,
+    decode_image,
+    decode_mask,
+    iter_shard,
+    read_dataset_meta,
+    shard_paths,
+)
 
 
 def _pixels(dataset: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -66,3 +79,55 @@ def colour_classifier_scores(
     with torch.no_grad():
         pred = model(torch.from_numpy(x_test)).argmax(dim=1)
     return segmentation_scores(confusion_matrix(pred, torch.from_numpy(y_test), num_classes))
+
+
+def fitted_prediction(
+    masks: torch.Tensor, num_classes: int, stride: int, *, steps: int = 300
+) -> torch.Tensor:
+    """Argmax of the bilinear upsampling of stride-``stride`` score maps fitted to ``masks``.
+
+    ``masks`` is ``(N, H, W)`` int64 (255 = ignore). For each image a free score map of
+    ``(K, ceil(H / stride), ceil(W / stride))`` numbers (no network) is fitted to the
+    image's own labels by minimising the per-pixel cross-entropy of its bilinear
+    upsampling (half-pixel centres, as FCN's bilinear deconvolution inside the map)
+    with Adam. Returns the ``(N, H, W)`` argmax.
+    """
+    n, height, width = masks.shape
+    coarse = (n, num_classes, -(-height // stride), -(-width // stride))
+    scores = torch.zeros(coarse, requires_grad=True)
+    optimizer = torch.optim.Adam([scores], lr=0.3)
+
+    def upsampled() -> torch.Tensor:
+        if stride == 1:
+            return scores
+        fine = F.interpolate(scores, scale_factor=stride, mode="bilinear", align_corners=False)
+        return fine[..., :height, :width]
+
+    for _ in range(steps):
+        loss = F.cross_entropy(upsampled(), masks, ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return upsampled().argmax(1)
+
+
+def stride_ceiling_scores(
+    dataset: str | Path, split: str, stride: int, *, steps: int = 300, batch: int = 32
+) -> dict:
+    """FCN metrics of :func:`fitted_prediction` at ``stride`` over ``split``: a ceiling
+    for any FCN whose finest scores come at that output stride (FCN-8s: 8)."""
+    meta = read_dataset_meta(dataset)
+    k = meta.num_classes
+    by_size: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
+    for path in shard_paths(dataset, split, meta):
+        for row in iter_shard(path, columns=["mask"]):
+            mask = torch.from_numpy(decode_mask(row["mask"]).astype(np.int64))
+            by_size[tuple(mask.shape)].append(mask)
+    hist = torch.zeros((k, k), dtype=torch.int64)
+    for masks in by_size.values():
+        for start in range(0, len(masks), batch):
+            target = torch.stack(masks[start : start + batch])
+            prediction = fitted_prediction(target, k, stride, steps=steps)
+            hist += confusion_matrix(prediction, target, k, ignore_index=IGNORE_INDEX)
+    return segmentation_scores(hist)
