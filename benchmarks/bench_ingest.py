@@ -20,7 +20,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from fcn_pipeline.config import DataParams
 from fcn_pipeline.ingest import ingest
 from fcn_pipeline.parallel import resolve_workers
 
@@ -47,6 +46,9 @@ def decode_rate(pairs: list[tuple[Path, Path]], workers: int) -> float:
 
 
 def main() -> None:
+    # Imported here, as flows/cli.py does: spawned workers re-import this module.
+    from fcn_pipeline.config import DataParams
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", nargs="?", default=str(REPO.parent / "shared/datasets/camvid"))
     parser.add_argument("--workers", type=int, default=0)

@@ -64,13 +64,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from fcn_pipeline.atomic import atomic_output_dir, write_json
-from fcn_pipeline.config import PatchesParams
 from fcn_pipeline.errors import DatasetError
 from fcn_pipeline.parallel import map_shards
 from fcn_pipeline.stats import (
@@ -94,6 +93,9 @@ from fcn_pipeline.store import (
     shard_paths,
     write_shard,
 )
+
+if TYPE_CHECKING:  # worker processes import this module; keep pydantic out of their start-up
+    from fcn_pipeline.config import PatchesParams
 
 SUMMARY_FILE = "patches.json"
 SPLIT = WEIGHTS_SPLIT  # patches are cut from the train split and stored as one

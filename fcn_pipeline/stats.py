@@ -38,12 +38,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fcn_pipeline.atomic import atomic_output_dir, write_json
-from fcn_pipeline.config import StatsParams, WeightScheme
 from fcn_pipeline.errors import ConfigError, DatasetError
 from fcn_pipeline.parallel import map_shards
 from fcn_pipeline.store import (
@@ -55,7 +54,11 @@ from fcn_pipeline.store import (
     shard_paths,
 )
 
-SCHEMES: tuple[str, ...] = get_args(WeightScheme)
+if TYPE_CHECKING:  # worker processes import this module; keep pydantic out of their start-up
+    from fcn_pipeline.config import StatsParams
+
+# The names of config.WeightScheme (a test keeps the two equal).
+SCHEMES: tuple[str, ...] = ("median_frequency", "inverse_frequency", "enet", "none")
 WEIGHTS_SPLIT = "train"
 STATS_FILE = "stats.json"
 FREQUENCY_DIR = "class_frequency"  # one CSV per split: class, split, share, ...

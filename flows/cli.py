@@ -12,7 +12,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from fcn_pipeline.config import check_staged_variant, load_params
 from fcn_pipeline.errors import PipelineError
 
 
@@ -150,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imported here, not at the top: the stages' spawned worker processes import
+    # the console script's module (this one) and must not pay for pydantic.
+    from fcn_pipeline.config import check_staged_variant, load_params
+
     args = build_parser().parse_args(argv)
     overrides = {
         key: value for key, value in vars(args).items() if "." in key and value is not None

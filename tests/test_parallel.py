@@ -1,6 +1,8 @@
 """map_shards: results in call order, work shared between this process and the pool."""
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -42,3 +44,13 @@ def test_one_worker_runs_everything_here():
 def test_a_failing_call_raises_in_the_caller(bad):
     with pytest.raises(ValueError, match=f"call {bad} failed"):
         list(map_shards(fail_on, [(i, bad) for i in range(8)], 2))
+
+
+def test_modules_that_workers_import_stay_light():
+    # Spawned workers import the module of the function they run and the console
+    # script's module (flows.cli); pydantic and torch would add seconds to start-up.
+    modules = "fcn_pipeline.ingest, fcn_pipeline.sources.camvid, fcn_pipeline.stats, "
+    modules += "fcn_pipeline.patches, flows.cli"
+    code = f"import sys, {modules}; print(sorted({{'pydantic', 'torch'}} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -305,3 +305,11 @@ def test_cli_rejects_bad_params_before_running(
     argv = ["--params", str(REPO / "params.yaml"), "stats", "--data", str(tmp_path)]
     assert main([*argv, "--workers", "-2"]) == 1
     assert "stats.workers" in capsys.readouterr().err
+
+
+def test_scheme_names_match_the_params_schema():
+    from typing import get_args
+
+    from fcn_pipeline.config import WeightScheme
+
+    assert get_args(WeightScheme) == SCHEMES

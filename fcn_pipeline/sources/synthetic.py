@@ -20,13 +20,17 @@ Objects overlap and occlude each other; Gaussian noise is added last. Image
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from skimage import draw
 from skimage.transform import resize
 
-from fcn_pipeline.config import SyntheticParams
 from fcn_pipeline.sources import Listing, PairRef, Source, color_map
 from fcn_pipeline.store import encode_png
+
+if TYPE_CHECKING:  # worker processes import this module; keep pydantic out of their start-up
+    from fcn_pipeline.config import SyntheticParams
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 MIN_CONTRAST = 0.3  # L2 RGB distance an object keeps from what it is drawn over
