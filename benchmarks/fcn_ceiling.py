@@ -36,15 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     names = meta.class_names
     print(f"{args.data}, split {args.split}: {meta.split_images(args.split)} images")
     print(f"{'stride':>6} {'as in':<8} {'mean IU':>7}  " + " ".join(f"{n[:9]:>9}" for n in names))
-    for stride, variant in ((32, "FCN-32s"), (16, "FCN-16s"), (8, "FCN-8s"), (4, "-")):
-        start = time.perf_counter()
-        scores = stride_ceiling_scores(args.data, args.split, stride, steps=args.steps)
-        per_class = " ".join(f"{iu:9.3f}" for iu in scores["per_class_iu"])
-        print(
-            f"{stride:>6} {variant:<8} {scores['mean_iu']:7.3f}  {per_class}"
-            f"   ({time.perf_counter() - start:.0f} s)",
-            flush=True,
-        )
+    variants = {32: "FCN-32s", 16: "FCN-16s", 8: "FCN-8s", 4: "-"}
+    start = time.perf_counter()
+    scores = stride_ceiling_scores(args.data, args.split, tuple(variants), steps=args.steps)
+    for stride, variant in variants.items():
+        per_class = " ".join(f"{iu:9.3f}" for iu in scores[stride]["per_class_iu"])
+        print(f"{stride:>6} {variant:<8} {scores[stride]['mean_iu']:7.3f}  {per_class}")
+    print(f"({time.perf_counter() - start:.0f} s)")
     return 0
 
 

@@ -48,6 +48,7 @@ def test_stride_ceiling_falls_with_the_stride(tmp_path):
     splits = {"train": 1, "val": 1, "test": 6}
     data = DataParams(synthetic=SyntheticParams(splits=splits), workers=1)
     dataset = ingest(data, tmp_path / "ingested").out
-    ious = [stride_ceiling_scores(dataset, "test", s, steps=150)["mean_iu"] for s in (4, 8, 32)]
+    scores = stride_ceiling_scores(dataset, "test", (4, 8, 32), steps=150)
+    ious = [scores[stride]["mean_iu"] for stride in (4, 8, 32)]
     assert ious[0] > ious[1] > ious[2]
     assert ious[0] > 0.85
