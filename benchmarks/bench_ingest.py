@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from fcn_pipeline.ingest import ingest
-from fcn_pipeline.parallel import resolve_workers
+from fcn_pipeline.parallel import process_count
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     root = Path(args.root)
-    workers = resolve_workers(args.workers)
+    workers = process_count(args.workers)
     pairs = [
         (image, root / f"{split}annot" / image.name)
         for split in ("train", "val", "test")

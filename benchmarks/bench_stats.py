@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fcn_pipeline.parallel import resolve_workers
+from fcn_pipeline.parallel import process_count
 from fcn_pipeline.stats import count_classes, count_shard
 from fcn_pipeline.store import decode_mask, iter_shard, read_dataset_meta, shard_paths
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             ingest(DataParams(format="camvid", root=str(args.camvid)), data)
         meta = read_dataset_meta(data)
         paths = [p for split in meta.splits for p in shard_paths(data, split, meta)]
-        workers = min(resolve_workers(args.workers), len(paths))
+        workers = min(process_count(args.workers), len(paths))
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             k = [meta.num_classes] * len(paths)

@@ -30,7 +30,8 @@ from fcn_pipeline.config import DataParams, TrainParams, load_params
 from fcn_pipeline.data import SegmentationDataset, train_loader
 from fcn_pipeline.losses import segmentation_loss
 from fcn_pipeline.models import build_fcn, parameter_groups
-from fcn_pipeline.training import autocast, resolve_device, train_one_epoch
+from fcn_pipeline.runtime import autocast, resolve_device
+from fcn_pipeline.training import build_criterion, build_scheduler, train_one_epoch
 
 
 def loader_throughput(dataset: SegmentationDataset, batch_size: int, workers: int) -> float:
@@ -126,18 +127,9 @@ def main() -> None:
             data=str(data), width=width, batch_size=batch_size, workers=workers, device="auto"
         )
         loader = train_loader(dataset, batch_size, seed=1, workers=workers, drop_last=True)
-        stats = train_one_epoch(
-            model,
-            loader,
-            optimizer,
-            device=device,
-            epoch=1,
-            first_step=0,
-            total_steps=len(loader),
-            params=params,
-            class_weights=None,
-            sampling_generator=torch.Generator(),
-        )
+        criterion = build_criterion(params, dataset.meta.class_names, model.output_stride)
+        scheduler = build_scheduler(optimizer, params, len(loader))
+        stats = train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch=1)
         print(
             f"epoch   workers={workers}: {stats.images_per_second:8.1f} images/s, "
             f"{100 * stats.data_seconds / stats.seconds:.1f}% of the time waiting for data"

@@ -16,13 +16,14 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fcn_pipeline.class_weights import SCHEMES
 from fcn_pipeline.errors import ConfigError
 
 Split = Literal["train", "val", "test"]
 SourceFormat = Literal["synthetic", "camvid", "voc", "folder"]
 SyntheticClass = Literal["background", "bus", "disc", "triangle", "checker", "pole"]
-# Class-weighting schemes computed by the stats stage (see fcn_pipeline/stats.py).
-WeightScheme = Literal["median_frequency", "inverse_frequency", "enet", "none"]
+# Class-weighting schemes computed by the stats stage (see fcn_pipeline/class_weights.py).
+WeightScheme = Literal[SCHEMES]  # type: ignore[valid-type]
 # How the patches stage places patches (see fcn_pipeline/patches.py).
 PatchStrategy = Literal["grid", "uniform", "class_balanced"]
 # How class_balanced draws a patch centre: a class, then one of its pixels
@@ -136,7 +137,6 @@ class PatchesParams(StrictModel):
 # The staged FCN variants (FCN-8s may instead be trained at once, see TrainParams.at_once).
 StagedVariant = Literal["fcn32s", "fcn16s", "fcn8s"]
 STAGED_VARIANTS: tuple[str, ...] = get_args(StagedVariant)
-Variant = Literal["fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce"]
 TrainMode = Literal["full", "patch"]
 UpsampleMode = Literal["learned", "frozen", "interp"]
 OptimizerName = Literal["sgd", "adam"]
@@ -153,7 +153,7 @@ class TrainParams(StrictModel):
     out: str = "models"  # models/<variant>/model.pt and checkpoint.pt
     live: str = "dvclive"  # DVCLive logs, dvclive/<variant>/
     mode: TrainMode = "full"  # full: whole images; patch: the patches stage's patches
-    at_once: bool = False  # train_fcn8s trains FCN-8s at once from the backbone
+    at_once: bool = False  # train@fcn8s trains FCN-8s at once from the backbone
     backbone: Literal["vgg16"] = "vgg16"
     width: float = Field(0.0625, gt=0.0, le=1.0)  # channel multiplier; 1.0 = the paper's VGG16
     pretrained: str | None = None  # torchvision VGG16 state dict (width 1.0 only)
@@ -168,10 +168,8 @@ class TrainParams(StrictModel):
     weight_decay: float = Field(5e-4, ge=0.0)
     schedule: LrSchedule = "poly"
     poly_power: float = Field(0.9, gt=0.0)
-    epochs: dict[Variant, int] = Field(
-        default_factory=lambda: {"fcn32s": 4, "fcn16s": 4, "fcn8s": 20, "fcn8s_atonce": 28}
-    )
     batch_size: int = Field(2, ge=1, le=4096)
+    hflip: bool = False  # mirror each training image (and mask) with probability 1/2
     val_split: Split = "val"
     eval_batch_size: int = Field(16, ge=1, le=4096)
     device: DeviceName = "auto"
@@ -179,13 +177,15 @@ class TrainParams(StrictModel):
     threads: int = Field(0, ge=0, le=256)  # torch CPU threads; 0 = torch's default
     seed: int = Field(0, ge=0)
 
-    @field_validator("epochs")
-    @classmethod
-    def _non_negative_epochs(cls, value: dict[str, int]) -> dict[str, int]:
-        bad = {variant: n for variant, n in value.items() if n < 0}
-        if bad:
-            raise ValueError(f"epochs must be >= 0, got {bad}")
-        return value
+
+class EpochParams(StrictModel):
+    """Epochs of each train stage; its own group so that each stage reruns only when
+    its own count changes (``train@fcn8s`` reads ``fcn8s`` for the staged and the
+    at-once FCN-8s alike)."""
+
+    fcn32s: int = Field(4, ge=0)
+    fcn16s: int = Field(4, ge=0)
+    fcn8s: int = Field(30, ge=0)
 
 
 class EvaluateParams(StrictModel):
@@ -210,6 +210,7 @@ class Params(StrictModel):
     stats: StatsParams = Field(default_factory=StatsParams)
     patches: PatchesParams = Field(default_factory=PatchesParams)
     train: TrainParams = Field(default_factory=TrainParams)
+    epochs: EpochParams = Field(default_factory=EpochParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
 

@@ -203,7 +203,7 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def resolve_workers(workers: int) -> int:
+def loader_workers(workers: int) -> int:
     """``workers`` DataLoader processes; ``-1`` = one per CPU core minus one (at least 0)."""
     if workers >= 0:
         return workers
@@ -221,7 +221,7 @@ def train_loader(
 ) -> DataLoader:
     """A shuffling loader whose order depends only on ``seed`` (padded batches)."""
     generator = torch.Generator().manual_seed(seed)
-    workers = resolve_workers(workers)
+    workers = loader_workers(workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -241,7 +241,7 @@ def eval_loader(
     dataset: SegmentationDataset, batch_size: int, *, workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
     """A loader in dataset order that batches same-size images only (native resolution)."""
-    workers = resolve_workers(workers)
+    workers = loader_workers(workers)
     return DataLoader(
         dataset,
         batch_sampler=SameSizeBatchSampler(dataset.sizes, batch_size),
@@ -260,8 +260,8 @@ __all__ = [
     "Sample",
     "SegmentationDataset",
     "eval_loader",
+    "loader_workers",
     "normalize_image",
     "pad_collate",
-    "resolve_workers",
     "train_loader",
 ]

@@ -35,10 +35,11 @@ import torch
 from torch import nn
 
 from fcn_pipeline.atomic import atomic_output_dir, atomic_write_json
+from fcn_pipeline.checkpoints import MODEL_FILE, load_model
 from fcn_pipeline.config import EvaluateParams, check_staged_variant
 from fcn_pipeline.data import IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, eval_loader
 from fcn_pipeline.metrics import segmentation_scores
-from fcn_pipeline.training import MODEL_FILE, load_model, predict_batches, resolve_device
+from fcn_pipeline.runtime import predict_batches, resolve_device, torch_threads
 
 IGNORE_COLOR = (255, 255, 255)
 
@@ -178,10 +179,7 @@ def evaluate_variant(
     model = load_model(model_path, meta.class_names)
     device = resolve_device(params.device)
     chosen = overlay_indices(params.overlays, len(dataset))
-    old_threads = torch.get_num_threads()
-    if params.threads:
-        torch.set_num_threads(params.threads)
-    try:
+    with torch_threads(params.threads):
         hist, predictions = predict_and_count(
             model,
             dataset,
@@ -190,8 +188,6 @@ def evaluate_variant(
             workers=params.workers,
             keep=set(chosen),
         )
-    finally:
-        torch.set_num_threads(old_threads)
     scores = segmentation_scores(hist)
     metrics: dict[str, Any] = {
         "pixel_acc": scores["pixel_acc"],

@@ -14,7 +14,48 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-__all__ = ["loss_sampling_mask", "segmentation_loss"]
+__all__ = ["SegmentationCriterion", "loss_sampling_mask", "segmentation_loss"]
+
+
+def _check_loss_inputs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weights: torch.Tensor | None,
+    keep_mask: torch.Tensor | None,
+) -> None:
+    """Raise ValueError naming the argument whose shape, dtype or device does not fit."""
+    if logits.dim() != 4 or not logits.is_floating_point():
+        raise ValueError(
+            f"logits must be a float (N, K, H, W) tensor, got {logits.dtype} "
+            f"of shape {tuple(logits.shape)}"
+        )
+    n, k, h, w = logits.shape
+    if target.shape != (n, h, w):
+        raise ValueError(
+            f"target must have shape (N, H, W) = {(n, h, w)} to match logits "
+            f"{tuple(logits.shape)}, got {tuple(target.shape)}"
+        )
+    if target.dtype != torch.int64:
+        raise ValueError(f"target must be int64, got {target.dtype}")
+    if class_weights is not None and (
+        class_weights.shape != (k,) or not class_weights.is_floating_point()
+    ):
+        raise ValueError(
+            f"class_weights must be a float tensor of shape ({k},), got "
+            f"{class_weights.dtype} of shape {tuple(class_weights.shape)}"
+        )
+    if keep_mask is not None and (keep_mask.shape != (n, h, w) or keep_mask.dtype != torch.bool):
+        raise ValueError(
+            f"keep_mask must be a bool tensor of shape {(n, h, w)}, got "
+            f"{keep_mask.dtype} of shape {tuple(keep_mask.shape)}"
+        )
+    for name, tensor in (
+        ("target", target),
+        ("class_weights", class_weights),
+        ("keep_mask", keep_mask),
+    ):
+        if tensor is not None and tensor.device != logits.device:
+            raise ValueError(f"{name} is on {tensor.device} but logits are on {logits.device}")
 
 
 def segmentation_loss(
@@ -62,39 +103,7 @@ def segmentation_loss(
     Raises:
         ValueError: shapes, dtypes or devices that do not fit together.
     """
-    if logits.dim() != 4 or not logits.is_floating_point():
-        raise ValueError(
-            f"logits must be a float (N, K, H, W) tensor, got {logits.dtype} "
-            f"of shape {tuple(logits.shape)}"
-        )
-    n, k, h, w = logits.shape
-    if target.shape != (n, h, w):
-        raise ValueError(
-            f"target must have shape (N, H, W) = {(n, h, w)} to match logits "
-            f"{tuple(logits.shape)}, got {tuple(target.shape)}"
-        )
-    if target.dtype != torch.int64:
-        raise ValueError(f"target must be int64, got {target.dtype}")
-    if class_weights is not None and (
-        class_weights.shape != (k,) or not class_weights.is_floating_point()
-    ):
-        raise ValueError(
-            f"class_weights must be a float tensor of shape ({k},), got "
-            f"{class_weights.dtype} of shape {tuple(class_weights.shape)}"
-        )
-    if keep_mask is not None and (keep_mask.shape != (n, h, w) or keep_mask.dtype != torch.bool):
-        raise ValueError(
-            f"keep_mask must be a bool tensor of shape {(n, h, w)}, got "
-            f"{keep_mask.dtype} of shape {tuple(keep_mask.shape)}"
-        )
-    for name, tensor in (
-        ("target", target),
-        ("class_weights", class_weights),
-        ("keep_mask", keep_mask),
-    ):
-        if tensor is not None and tensor.device != logits.device:
-            raise ValueError(f"{name} is on {tensor.device} but logits are on {logits.device}")
-
+    _check_loss_inputs(logits, target, class_weights, keep_mask)
     # Log-softmax in half precision loses the small probabilities that the loss
     # is made of, so leave autocast and compute in float32.
     device_type = logits.device.type
@@ -181,3 +190,48 @@ def loss_sampling_mask(
         .repeat_interleave(cell_size, dim=2)[:, :h, :w]
         .contiguous()
     )
+
+
+class SegmentationCriterion:
+    """The training loss, built once per training: ``criterion(logits, target)``.
+
+    Holds what :func:`segmentation_loss` and :func:`loss_sampling_mask` need across
+    steps: the ``(K,)`` class weights (or ``None``), the loss-sampling probability
+    ``p`` with its cell size, and the generator that draws the masks (reseed it
+    with :meth:`reseed` to make a resumed run draw what an uninterrupted one would).
+    With ``p == 1`` no mask is drawn and the generator is never advanced.
+    """
+
+    def __init__(
+        self,
+        *,
+        class_weights: torch.Tensor | None = None,
+        loss_sampling: float = 1.0,
+        cell_size: int = 32,
+        ignore_index: int = 255,
+    ):
+        if not (isinstance(loss_sampling, numbers.Real) and 0.0 < loss_sampling <= 1.0):
+            raise ValueError(f"loss_sampling must be in (0, 1], got {loss_sampling!r}")
+        self.class_weights = class_weights
+        self.loss_sampling = float(loss_sampling)
+        self.cell_size = int(cell_size)
+        self.ignore_index = ignore_index
+        self.generator = torch.Generator()
+
+    def reseed(self, seed: int) -> None:
+        """Restart the loss-sampling masks' random stream from ``seed``."""
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The scalar loss of ``(N, K, H, W)`` logits against ``(N, H, W)`` int64 targets."""
+        keep = None
+        if self.loss_sampling < 1.0:
+            keep = loss_sampling_mask(
+                target.shape, self.cell_size, self.loss_sampling, generator=self.generator
+            ).to(target.device, non_blocking=True)
+        weights = self.class_weights
+        if weights is not None and weights.device != logits.device:
+            weights = self.class_weights = weights.to(logits.device)
+        return segmentation_loss(
+            logits, target, class_weights=weights, keep_mask=keep, ignore_index=self.ignore_index
+        )

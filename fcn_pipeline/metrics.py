@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 __all__ = ["confusion_matrix", "segmentation_scores"]
@@ -90,7 +91,7 @@ def confusion_matrix(
     return counts[: k * k].reshape(k, k)
 
 
-def segmentation_scores(hist: torch.Tensor) -> dict[str, float | list[float]]:
+def segmentation_scores(hist: torch.Tensor | np.ndarray) -> dict[str, float | list[float]]:
     """FCN's four scores (and their per-class parts) from a confusion histogram.
 
     With ``n_ij`` pixels of true class ``i`` predicted as ``j``, ``t_i = sum_j n_ij``
@@ -107,16 +108,24 @@ def segmentation_scores(hist: torch.Tensor) -> dict[str, float | list[float]]:
     histogram gives NaN everywhere. Computed in float64.
 
     Args:
-        hist: ``(K, K)`` histogram (rows ground truth, columns prediction), any
-            real dtype, any device, e.g. from :func:`confusion_matrix`.
+        hist: ``(K, K)`` histogram (rows ground truth, columns prediction), a tensor
+            (any real dtype, any device, e.g. from :func:`confusion_matrix`) or a
+            NumPy array (as the reference's ``score.py`` accumulates it).
 
     Returns:
         ``pixel_acc``, ``mean_acc``, ``mean_iu``, ``fw_iu`` as Python floats and
         ``per_class_iu``, ``per_class_acc`` as lists of ``K`` Python floats.
 
     Raises:
+        TypeError: ``hist`` is neither a tensor nor a NumPy array.
         ValueError: ``hist`` is not a square 2-D tensor.
     """
+    if isinstance(hist, np.ndarray):
+        hist = torch.from_numpy(hist)
+    if not isinstance(hist, torch.Tensor):
+        raise TypeError(
+            f"hist must be a (K, K) torch.Tensor or numpy.ndarray, got {type(hist).__name__}"
+        )
     if hist.dim() != 2 or hist.shape[0] != hist.shape[1]:
         raise ValueError(f"hist must be a square (K, K) tensor, got shape {tuple(hist.shape)}")
 

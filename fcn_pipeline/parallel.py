@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def resolve_workers(workers: int) -> int:
+def process_count(workers: int) -> int:
     """``0`` means every core this process may use."""
     return workers or len(os.sched_getaffinity(0))
 
@@ -36,7 +36,7 @@ def map_shards(
     torch), and a fork would copy its held locks. If the consumer stops early or
     raises, pending calls are cancelled.
     """
-    workers = min(resolve_workers(workers), max(1, len(calls)))
+    workers = min(process_count(workers), max(1, len(calls)))
     if workers == 1:
         yield from (function(*args) for args in calls)
         return

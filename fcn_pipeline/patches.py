@@ -70,21 +70,16 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from fcn_pipeline.atomic import atomic_output_dir, write_json
+from fcn_pipeline.class_weights import WEIGHTS_SPLIT, load_class_weights
 from fcn_pipeline.errors import DatasetError
 from fcn_pipeline.parallel import map_shards
-from fcn_pipeline.stats import (
-    STATS_FILE,
-    WEIGHTS_SPLIT,
-    count_labels,
-    load_class_weights,
-    read_stats,
-)
 from fcn_pipeline.store import (
     IGNORE_INDEX,
     META_FILE,
     PATCH_ROW_SCHEMA,
     DatasetMeta,
     ShardInfo,
+    count_labels,
     decode_image,
     decode_mask,
     encode_png,
@@ -332,24 +327,6 @@ class PatchesResult:
         return self.meta.split_images(SPLIT)
 
 
-def _checked_stats(params: PatchesParams, meta: DatasetMeta) -> dict[str, Any]:
-    """``stats.json`` of ``params.stats``, checked to describe the dataset ``params.data``."""
-    stats = read_stats(params.stats)
-    path = Path(params.stats) / STATS_FILE
-    if stats["class_names"] != meta.class_names:
-        raise DatasetError(
-            f"{path}: class names {stats['class_names']} differ from those of "
-            f"{Path(params.data) / META_FILE} {meta.class_names}; re-run the stats stage"
-        )
-    train_images = int(stats["splits"][SPLIT]["images"])
-    if train_images != meta.split_images(SPLIT):
-        raise DatasetError(
-            f"{path}: counts {train_images} train images, {params.data} has "
-            f"{meta.split_images(SPLIT)}; re-run the stats stage"
-        )
-    return stats
-
-
 def _share(counts: np.ndarray, num_classes: int) -> list[float]:
     labelled = counts[:num_classes]
     total = labelled.sum()
@@ -412,8 +389,12 @@ def extract_patches(
     out = Path(out or params.out)
     meta = read_dataset_meta(params.data)
     sources = shard_paths(params.data, SPLIT, meta)
-    stats = _checked_stats(params, meta)
-    weights = load_class_weights(params.stats, params.class_weighting)
+    weights, stats = load_class_weights(
+        params.stats,
+        params.class_weighting,
+        meta.class_names,
+        train_images=meta.split_images(SPLIT),
+    )
     settings = PatchSettings.from_params(params, weights)
     merged = ShardPatches()
     with atomic_output_dir(out) as tmp:

@@ -12,27 +12,15 @@ Per split and class ``c`` the stage records:
 - ``images_with_class[c]``: images with at least one pixel of ``c``;
 - ``image_pixels_with_class[c]``: labelled pixels of those images (all classes).
 
-Class weights are computed on the train split for every scheme at once, so
-training can switch scheme without re-running this stage (``K`` classes,
-``n_c = pixels[c]``, ``N`` = all labelled train pixels):
-
-- ``median_frequency`` (Eigen and Fergus 2015, SegNet): ``freq(c) = n_c /
-  image_pixels_with_class[c]``, ``w_c = median(freq) / freq(c)``, the median
-  taken over the classes present in train;
-- ``inverse_frequency``: ``w_c = N / (K' n_c)`` with ``K'`` the number of classes
-  present in train, i.e. scaled so that the pixel-weighted mean weight
-  ``sum_c (n_c / N) w_c`` is exactly 1;
-- ``enet`` (Paszke et al. 2016): ``w_c = 1 / ln(1.02 + n_c / N)``;
-- ``none``: all ones.
-
-A class absent from train gets weight 0 in every computed scheme (it can never
-appear in a training target) and an :class:`AbsentClassWarning` naming it.
+Class weights of every scheme (see :mod:`fcn_pipeline.class_weights`) are
+computed on the train split at once, so training can switch scheme without
+re-running this stage. A class absent from train gets an
+:class:`AbsentClassWarning` naming it.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import time
 import warnings
 from collections.abc import Callable
@@ -43,11 +31,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fcn_pipeline.atomic import atomic_output_dir, write_json
-from fcn_pipeline.errors import ConfigError, DatasetError
+from fcn_pipeline.class_weights import SCHEMES, STATS_FILE, WEIGHTS_SPLIT, scheme_weights
+from fcn_pipeline.errors import DatasetError
 from fcn_pipeline.parallel import map_shards
 from fcn_pipeline.store import (
     IGNORE_INDEX,
     DatasetMeta,
+    count_labels,
     decode_mask,
     iter_shard,
     read_dataset_meta,
@@ -55,49 +45,17 @@ from fcn_pipeline.store import (
 )
 
 if TYPE_CHECKING:  # worker processes import this module; keep pydantic out of their start-up
-    from fcn_pipeline.config import StatsParams
+    pass
 
-# The names of config.WeightScheme (a test keeps the two equal).
-SCHEMES: tuple[str, ...] = ("median_frequency", "inverse_frequency", "enet", "none")
-WEIGHTS_SPLIT = "train"
-STATS_FILE = "stats.json"
 FREQUENCY_DIR = "class_frequency"  # one CSV per split: class, split, share, ...
 FREQUENCY_PNG = "class_frequency.png"
-ENET_C = 1.02  # ENet's constant: bounds the weight of the rarest classes near 50
 
 
 class AbsentClassWarning(UserWarning):
-    """A class has no labelled pixel in the train split: its weight is 0."""
+    """A class has no labelled pixel in the train split: its weight is 0 (1 in ``none``)."""
 
 
 # --- counting -----------------------------------------------------------------
-
-
-def count_labels(mask: np.ndarray) -> np.ndarray:
-    """Exact histogram of a ``uint8`` mask: ``(256,)`` int64, ``[v]`` = pixels equal to ``v``.
-
-    Equals ``np.bincount(mask.ravel(), minlength=256)``. Segmentation masks
-    are piecewise constant, so the mask is counted as runs of equal values
-    (3-4x faster on CamVid: a plain bincount over long runs stalls on
-    incrementing the same counter again and again); masks with short runs
-    fall back to the plain bincount.
-    """
-    flat = np.ascontiguousarray(mask).reshape(-1)
-    if flat.dtype != np.uint8:
-        raise ValueError(f"count_labels expects a uint8 mask, got {flat.dtype}")
-    if flat.size == 0:
-        return np.zeros(256, dtype=np.int64)
-    run_start = np.empty(flat.size, dtype=bool)
-    run_start[0] = True
-    np.not_equal(flat[1:], flat[:-1], out=run_start[1:])
-    starts = np.flatnonzero(run_start)
-    if starts.size > flat.size // 8:
-        return np.bincount(flat, minlength=256).astype(np.int64, copy=False)
-    lengths = np.empty_like(starts)
-    np.subtract(starts[1:], starts[:-1], out=lengths[:-1])
-    lengths[-1] = flat.size - starts[-1]
-    # Float64 sums of integers below 2**53 are exact.
-    return np.bincount(flat[starts], weights=lengths, minlength=256).astype(np.int64)
 
 
 @dataclass
@@ -253,49 +211,6 @@ def count_classes(
 # --- class weights ------------------------------------------------------------
 
 
-def median_frequency_weights(counts: SplitCounts) -> np.ndarray:
-    """Median-frequency balancing: ``(K,)`` float64, ``median(freq) / freq(c)``, 0 if absent."""
-    present = counts.present
-    weights = np.zeros(counts.num_classes)
-    if present.any():
-        freq = counts.frequency
-        weights[present] = np.median(freq[present]) / freq[present]
-    return weights
-
-
-def inverse_frequency_weights(counts: SplitCounts) -> np.ndarray:
-    """Inverse frequency: ``(K,)`` float64, ``N / (K' n_c)``, 0 if absent.
-
-    Normalised so the pixel-weighted mean weight over the split is exactly 1.
-    """
-    present = counts.present
-    weights = np.zeros(counts.num_classes)
-    if present.any():
-        weights[present] = counts.labelled_pixels / (present.sum() * counts.pixels[present])
-    return weights
-
-
-def enet_weights(counts: SplitCounts, c: float = ENET_C) -> np.ndarray:
-    """ENet weighting: ``(K,)`` float64, ``1 / ln(c + p_c)``, 0 if absent."""
-    present = counts.present
-    weights = np.zeros(counts.num_classes)
-    weights[present] = 1.0 / np.log(c + counts.pixel_share[present])
-    return weights
-
-
-def class_weights(counts: SplitCounts, scheme: str) -> np.ndarray:
-    """The ``(K,)`` float64 weights of ``scheme`` (one of :data:`SCHEMES`)."""
-    if scheme == "median_frequency":
-        return median_frequency_weights(counts)
-    if scheme == "inverse_frequency":
-        return inverse_frequency_weights(counts)
-    if scheme == "enet":
-        return enet_weights(counts)
-    if scheme == "none":
-        return np.ones(counts.num_classes)
-    raise ConfigError(f"unknown class-weighting scheme {scheme!r}; expected one of {SCHEMES}")
-
-
 def all_class_weights(counts: SplitCounts, class_names: list[str]) -> dict[str, list[float]]:
     """Weights of every scheme, ``{scheme: [w_0, ..., w_{K-1}]}`` in class order.
 
@@ -304,11 +219,15 @@ def all_class_weights(counts: SplitCounts, class_names: list[str]) -> dict[str, 
     for index in np.flatnonzero(~counts.present):
         warnings.warn(
             f"class {class_names[index]!r} (index {index}) has no labelled pixel in the "
-            f"{WEIGHTS_SPLIT} split; its weight is 0 in every weighting scheme",
+            f"{WEIGHTS_SPLIT} split; its weight is 0 in every computed weighting scheme "
+            "(1 in 'none')",
             AbsentClassWarning,
             stacklevel=2,
         )
-    return {scheme: class_weights(counts, scheme).tolist() for scheme in SCHEMES}
+    return {
+        scheme: scheme_weights(scheme, counts.pixels, counts.image_pixels_with_class).tolist()
+        for scheme in SCHEMES
+    }
 
 
 # --- outputs ------------------------------------------------------------------
@@ -408,79 +327,14 @@ def write_stats(counts: DatasetCounts, out: str | Path) -> StatsResult:
     return StatsResult(out, counts, weights, summary["absent_classes"], time.perf_counter() - start)
 
 
-def compute_stats(
-    params: StatsParams,
-    out: str | Path | None = None,
-    *,
-    on_shard: Callable[[str, Path, int], None] | None = None,
-) -> StatsResult:
-    """Count ``params.data`` and write its statistics to ``out`` (default ``params.out``)."""
-    start = time.perf_counter()
-    counts = count_classes(params.data, params.workers, on_shard=on_shard)
-    result = write_stats(counts, out or params.out)
-    seconds = time.perf_counter() - start
-    return StatsResult(result.out, counts, result.weights, result.absent_classes, seconds)
-
-
-# --- reading --------------------------------------------------------------------
-
-
-def read_stats(stats_dir: str | Path) -> dict[str, Any]:
-    """Read and check ``stats.json`` of a stats directory.
-
-    Raises :class:`DatasetError` naming the path when it is missing, not JSON,
-    or lacks the class names or a weighting scheme.
-    """
-    path = Path(stats_dir) / STATS_FILE
-    try:
-        summary = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: missing (run the stats stage)") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise DatasetError(f"{path}: not readable JSON: {error}") from None
-    try:
-        names = summary["class_names"]
-        weights = summary["weights"]
-        missing = [scheme for scheme in SCHEMES if scheme not in weights]
-        bad = [s for s, w in weights.items() if not isinstance(w, list) or len(w) != len(names)]
-        int(summary["splits"][WEIGHTS_SPLIT]["images"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise DatasetError(f"{path}: malformed statistics ({error!r})") from None
-    if missing or bad:
-        raise DatasetError(
-            f"{path}: weights missing for {missing} or of the wrong length for {bad}; "
-            "re-run the stats stage"
-        )
-    return summary
-
-
-def load_class_weights(stats_dir: str | Path, scheme: str) -> np.ndarray:
-    """The ``(K,)`` float64 class weights of ``scheme`` stored in ``stats_dir``."""
-    if scheme not in SCHEMES:
-        raise ConfigError(f"unknown class-weighting scheme {scheme!r}; expected one of {SCHEMES}")
-    weights = np.asarray(read_stats(stats_dir)["weights"][scheme], dtype=np.float64)
-    if not np.all(np.isfinite(weights)) or (weights < 0).any():
-        raise DatasetError(f"{Path(stats_dir) / STATS_FILE}: {scheme} weights are not finite >= 0")
-    return weights
-
-
 __all__ = [
-    "SCHEMES",
     "AbsentClassWarning",
     "DatasetCounts",
     "SplitCounts",
     "StatsResult",
     "all_class_weights",
-    "class_weights",
-    "compute_stats",
     "count_classes",
-    "count_labels",
     "count_shard",
-    "enet_weights",
-    "inverse_frequency_weights",
-    "load_class_weights",
-    "median_frequency_weights",
-    "read_stats",
     "stats_summary",
     "write_stats",
 ]

@@ -45,89 +45,56 @@ def _evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     return evaluate_flow(variant=args.variant, params_file=args.params, overrides=overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fcn-pipeline", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--params", default="params.yaml", help="parameters file (default: %(default)s)"
-    )
-    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-
+def _add_ingest(stages: Any) -> None:
     ingest = stages.add_parser("ingest", help="read a dataset into versioned Parquet shards")
-    ingest.add_argument(
-        "--format", dest="data.format", choices=["synthetic", "camvid", "voc", "folder"]
-    )
-    ingest.add_argument("--root", dest="data.root", help="source dataset directory")
-    ingest.add_argument("--out", dest="data.out", help="output directory")
-    ingest.add_argument("--shard-size", dest="data.shard_size", type=int, help="images per shard")
-    ingest.add_argument(
-        "--workers", dest="data.workers", type=int, help="processes (0 = all cores)"
-    )
+    option = ingest.add_argument
+    option("--format", dest="data.format", choices=["synthetic", "camvid", "voc", "folder"])
+    option("--root", dest="data.root", help="source dataset directory")
+    option("--out", dest="data.out", help="output directory")
+    option("--shard-size", dest="data.shard_size", type=int, help="images per shard")
+    option("--workers", dest="data.workers", type=int, help="processes (0 = all cores)")
     ingest.set_defaults(run=_ingest)
 
-    # Names (schemes, strategies) are checked by the params schema, not by
-    # argparse, so a bad one is reported like a bad params.yaml value.
+
+def _add_stats(stages: Any) -> None:
     stats = stages.add_parser("stats", help="per-class pixel statistics and class weights")
-    stats.add_argument("--data", dest="stats.data", metavar="INGESTED_DIR", help="ingested dataset")
-    stats.add_argument("--out", dest="stats.out", metavar="DIR", help="output directory")
-    stats.add_argument(
-        "--workers", dest="stats.workers", type=int, metavar="N", help="processes (0 = all cores)"
-    )
+    option = stats.add_argument
+    option("--data", dest="stats.data", metavar="INGESTED_DIR", help="ingested dataset")
+    option("--out", dest="stats.out", metavar="DIR", help="output directory")
+    option("--workers", dest="stats.workers", type=int, metavar="N", help="processes (0 = all)")
     stats.set_defaults(run=_stats)
 
+
+def _add_patches(stages: Any) -> None:
     patches = stages.add_parser("patches", help="cut training patches from the train split")
     option = patches.add_argument
     option("--data", dest="patches.data", metavar="INGESTED_DIR", help="ingested dataset")
     option("--stats", dest="patches.stats", metavar="STATS_DIR", help="stats stage output")
     option("--out", dest="patches.out", metavar="DIR", help="output directory")
-    option(
-        "--strategy",
-        dest="patches.strategy",
-        metavar="NAME",
-        help="grid | uniform | class_balanced",
-    )
+    option("--strategy", dest="patches.strategy", metavar="NAME", help="grid | uniform | ...")
     option(
         "--class-weighting",
         dest="patches.class_weighting",
         metavar="SCHEME",
         help="median_frequency | inverse_frequency | enet | none",
     )
-    option(
-        "--centre-sampling",
-        dest="patches.centre_sampling",
-        metavar="RULE",
-        help="per_class | per_pixel",
-    )
+    option("--centre-sampling", dest="patches.centre_sampling", metavar="RULE")
     option("--patch-size", dest="patches.patch_size", type=int, metavar="PX", help="patch side")
     option("--stride", dest="patches.stride", type=int, metavar="PX", help="grid step")
-    option(
-        "--patches-per-image",
-        dest="patches.patches_per_image",
-        type=int,
-        metavar="N",
-        help="uniform and class_balanced",
-    )
+    option("--patches-per-image", dest="patches.patches_per_image", type=int, metavar="N")
     option("--seed", dest="patches.seed", type=int, metavar="N", help="random seed")
-    option(
-        "--shard-size", dest="patches.shard_size", type=int, metavar="N", help="patches per shard"
-    )
-    option(
-        "--workers", dest="patches.workers", type=int, metavar="N", help="processes (0 = all cores)"
-    )
+    option("--shard-size", dest="patches.shard_size", type=int, metavar="N")
+    option("--workers", dest="patches.workers", type=int, metavar="N", help="processes")
     patches.set_defaults(run=_patches)
 
+
+def _add_train(stages: Any) -> None:
     train = stages.add_parser("train", help="train one FCN variant (staged 32s -> 16s -> 8s)")
     option = train.add_argument
     option("--variant", required=True, metavar="NAME", help="fcn32s | fcn16s | fcn8s")
     option("--mode", dest="train.mode", metavar="MODE", help="full | patch")
-    option(
-        "--class-weighting",
-        dest="train.class_weighting",
-        metavar="SCHEME",
-        help="none | median_frequency | inverse_frequency | enet",
-    )
-    option(
-        "--loss-sampling", dest="train.loss_sampling", type=float, metavar="P", help="p in (0, 1]"
-    )
+    option("--class-weighting", dest="train.class_weighting", metavar="SCHEME")
+    option("--loss-sampling", dest="train.loss_sampling", type=float, metavar="P")
     option("--upsample", dest="train.upsample", metavar="MODE", help="frozen | learned | interp")
     option("--width", dest="train.width", type=float, metavar="W", help="backbone width")
     option("--pretrained", dest="train.pretrained", metavar="FILE", help="torchvision VGG16")
@@ -136,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--workers", dest="train.workers", type=int, metavar="N", help="DataLoader workers")
     train.set_defaults(run=_train)
 
+
+def _add_evaluate(stages: Any) -> None:
     evaluate = stages.add_parser("evaluate", help="FCN metrics of one trained variant")
     option = evaluate.add_argument
     option("--variant", required=True, metavar="NAME", help="fcn32s | fcn16s | fcn8s")
@@ -145,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     option("--out", dest="evaluate.out", metavar="DIR", help="plots and overlays directory")
     option("--device", dest="evaluate.device", metavar="DEVICE", help="auto | cpu | cuda")
     evaluate.set_defaults(run=_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``fcn-pipeline [--params FILE] STAGE [options]``; each option overrides one key.
+
+    Names (schemes, strategies) are checked by the params schema, not by argparse,
+    so a bad one is reported like a bad params.yaml value.
+    """
+    parser = argparse.ArgumentParser(prog="fcn-pipeline", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--params", default="params.yaml", help="parameters file (default: %(default)s)"
+    )
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for add in (_add_ingest, _add_stats, _add_patches, _add_train, _add_evaluate):
+        add(stages)
     return parser
 
 

@@ -9,6 +9,9 @@ from prefect import flow, get_run_logger, task
 from fcn_pipeline.config import EvaluateParams
 from flows.common import TASK_DEFAULTS, stage_params
 
+# The params.yaml groups this stage reads; dvc.yaml declares the same.
+PARAMS = ("evaluate",)
+
 
 @task(name="evaluate-fcn", **TASK_DEFAULTS)
 def evaluate_fcn(params: EvaluateParams, variant: str) -> dict[str, Any]:
@@ -28,5 +31,5 @@ def evaluate_flow(
     variant: str, params_file: str = "params.yaml", overrides: dict[str, Any] | None = None
 ) -> dict:
     """Run the ``evaluate_<variant>`` stage with ``params_file`` (``evaluate:``)."""
-    params = stage_params(params_file, overrides).evaluate
+    params = stage_params(params_file, overrides, PARAMS).evaluate
     return evaluate_fcn(params, variant)

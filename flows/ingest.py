@@ -9,6 +9,9 @@ from prefect import flow, get_run_logger, task
 from fcn_pipeline.config import DataParams
 from flows.common import TASK_DEFAULTS, stage_params
 
+# The params.yaml groups this stage reads; dvc.yaml declares the same.
+PARAMS = ("data",)
+
 
 @task(name="ingest-dataset", **TASK_DEFAULTS)
 def ingest_dataset(params: DataParams) -> dict[str, Any]:
@@ -36,5 +39,5 @@ def ingest_dataset(params: DataParams) -> dict[str, Any]:
 @flow(name="ingest", log_prints=True)
 def ingest_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Run the ingest stage with ``params_file`` (``data:`` section) and overrides."""
-    params = stage_params(params_file, overrides)
+    params = stage_params(params_file, overrides, PARAMS)
     return ingest_dataset(params.data)

@@ -9,6 +9,9 @@ from prefect import flow, get_run_logger, task
 from fcn_pipeline.config import PatchesParams
 from flows.common import TASK_DEFAULTS, stage_params
 
+# The params.yaml groups this stage reads; dvc.yaml declares the same.
+PARAMS = ("patches",)
+
 
 @task(name="extract-patches", **TASK_DEFAULTS)
 def extract_train_patches(params: PatchesParams) -> dict[str, Any]:
@@ -49,5 +52,5 @@ def extract_train_patches(params: PatchesParams) -> dict[str, Any]:
 @flow(name="patches", log_prints=True)
 def patches_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Run the patches stage with ``params_file`` (``patches:`` section) and overrides."""
-    params = stage_params(params_file, overrides).patches
+    params = stage_params(params_file, overrides, PARAMS).patches
     return extract_train_patches(params)

@@ -1,7 +1,7 @@
 """The whole pipeline as one Prefect flow (``fcn-pipeline``) that runs DVC.
 
 DVC stays in charge of the pipeline: the flow runs ``dvc repro [targets]`` (or
-``dvc exp run -S key=value ... [--name NAME] [targets]`` for an experiment) in
+``dvc exp run -S key=value ... --name NAME [targets]`` for an experiment) in
 the project directory, so DVC decides which stages are stale, runs their
 commands (``fcn-pipeline <stage>``, each its own Prefect flow run on the same
 server) and records what ran in ``dvc.lock`` and its cache. Nothing here
@@ -12,7 +12,8 @@ The flow streams DVC's output into the run log, fails with a message naming
 the failing stage and its error lines (which name the offending files), puts
 the last good outputs back when a stage fails (DVC deletes them before running
 it), and on success publishes the metrics DVC reports as a markdown artifact
-(key ``fcn-metrics``) with the revision they belong to.
+(key ``fcn-metrics``) with the revision they belong to. The DVC driving itself
+lives in :mod:`flows.dvc_driver`; this module only makes tasks of it.
 
 Nothing heavy is imported at module level (no torch, no DVC), so
 ``prefect deploy`` loads this module quickly.
@@ -20,15 +21,9 @@ Nothing heavy is imported at module level (no torch, no DVC), so
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
-import subprocess
-import sys
 import tempfile
-from collections import deque
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,124 +31,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
+from flows import dvc_driver
 from flows.common import TASK_DEFAULTS
+from flows.dvc_driver import DvcStageError, dvc_command, metrics_markdown
 
 ARTIFACT_KEY = "fcn-metrics"
-# The columns of the paper's tables, in its order (metric files: metrics/<variant>.json).
-FCN_METRICS = {
-    "pixel_acc": "pixel acc.",
-    "mean_acc": "mean acc.",
-    "mean_iu": "mean IU",
-    "fw_iu": "f.w. IU",
-}
-
-# `-S key=value` as `dvc exp run` takes it (`file:key=value` for another params file).
-_OVERRIDE = re.compile(r"^(?:[\w./-]+:)?[A-Za-z_][\w.\-\[\]]*=.*$")
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_RUNNING = re.compile(r"^Running stage '([^']+)'")
-_SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
-_FAILED = re.compile(r"failed to reproduce(?: stages:)? (.+?)(?::|$)")
-_QUOTED = re.compile(r"'([^']+)'")
-_RAN_EXPERIMENT = re.compile(r"^Ran experiment\(s\): (.+)$")
-# A stage command's own report, argparse style: `fcn-pipeline ingest: error: ...`.
-_STAGE_REPORT = re.compile(r"^\S+ [\w.-]+: error: ")
-# Otherwise: anything that looks like an error or exception line.
-_ERROR_LINE = re.compile(r"(\berror\b|\w(Error|Exception)\b)", re.IGNORECASE)
-
-
-class DvcStageError(RuntimeError):
-    """DVC exited non-zero; the message names the stage(s) and their error lines."""
-
-    def __init__(self, message: str, stages: list[str]):
-        super().__init__(message)
-        self.stages = stages
-
-
-@dataclass
-class DvcRun:
-    """What one ``dvc repro`` / ``dvc exp run`` did, read from its output."""
-
-    command: list[str]
-    returncode: int = 0
-    ran: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    experiment: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "command": self.command,
-            "returncode": self.returncode,
-            "ran": self.ran,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            "experiment": self.experiment,
-        }
-
-
-def dvc_command(
-    targets: list[str], overrides: list[str], experiment: bool, experiment_name: str | None
-) -> list[str]:
-    """The DVC command line for a run (without the ``dvc`` executable)."""
-    bad = [o for o in overrides if not _OVERRIDE.match(o)]
-    if bad:
-        raise ValueError(f"overrides must look like key=value (as in `dvc exp run -S`), got {bad}")
-    if not experiment:
-        if overrides or experiment_name:
-            raise ValueError(
-                "overrides and experiment_name need an experiment: run the "
-                "'fcn-pipeline/experiment' deployment (`dvc exp run`), or pass experiment=true"
-            )
-        return ["repro", *targets]
-    command = ["exp", "run"]
-    for override in overrides:
-        command += ["-S", override]
-    if experiment_name:
-        command += ["--name", experiment_name]
-    return [*command, *targets]
-
-
-def _executable(name: str) -> str:
-    """``name`` from this interpreter's environment (the project venv), else from PATH."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else (shutil.which(name) or name)
-
-
-def subprocess_env() -> dict[str, str]:
-    """Environment for DVC and the stage commands it starts.
-
-    PREFECT_API_URL (and every other PREFECT_* setting) passes through so the
-    stage flow runs land on the same server. The ``PREFECT__*`` variables that
-    tie *this* process to its flow run (run id, control port) are dropped: a
-    stage is its own flow run, never a second copy of this one.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT__")}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def _stage_error_lines(section: list[str]) -> list[str]:
-    """What a failed stage said went wrong: its error report with the indented detail lines.
-
-    The stage commands report ``fcn-pipeline <stage>: error: <message>`` with
-    one indented line per offending file; without such a report, any line
-    that looks like an error. Falls back to the last lines of the output.
-    """
-    for pattern in (_STAGE_REPORT, _ERROR_LINE):
-        picked: list[str] = []
-        keep_details = False
-        for line in section:
-            if pattern.search(line):
-                picked.append(line)
-                keep_details = True
-            elif keep_details and line.startswith((" ", "\t")):
-                picked.append(line)
-            else:
-                keep_details = False
-        if picked:
-            return picked[-40:]
-    return section[-20:]
+RETRIED = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=1)}
 
 
 @task(name="dvc-repro", **TASK_DEFAULTS)
@@ -164,277 +47,36 @@ def run_dvc(command: list[str], project_dir: str) -> dict[str, Any]:
     decides what to re-run next time. Raises :class:`DvcStageError` naming the
     failing stage and its error lines when DVC exits non-zero.
     """
-    logger = get_run_logger()
-    argv = [_executable("dvc"), *command]
-    logger.info("$ dvc %s   (in %s)", " ".join(command), project_dir)
-    run = DvcRun(command=["dvc", *command])
-    section: list[str] = []  # output of the stage running now
-    tail: deque[str] = deque(maxlen=40)
-    dvc_errors: list[str] = []
-    with subprocess.Popen(
-        argv,
-        cwd=project_dir,
-        env=subprocess_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        bufsize=1,
-    ) as process:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            line = _ANSI.sub("", raw).rstrip()
-            if not line:
-                continue
-            tail.append(line)
-            if match := _RUNNING.match(line):
-                run.ran.append(match.group(1))
-                section = []
-            elif match := _SKIPPED.match(line):
-                run.skipped.append(match.group(1))
-            elif match := _RAN_EXPERIMENT.match(line):
-                run.experiment = match.group(1).split(",")[0].strip()
-            else:
-                section.append(line)
-            if line.startswith("ERROR"):
-                dvc_errors.append(line)
-                if match := _FAILED.search(line):
-                    run.failed += _QUOTED.findall(match.group(1))
-                logger.error("%s", line)
-            elif line.startswith("WARNING"):
-                logger.warning("%s", line)
-            else:
-                logger.info("%s", line)
-        run.returncode = process.wait()
-
-    if run.returncode == 0:
-        logger.info(
-            "dvc finished: ran %s; unchanged %s", run.ran or "nothing", run.skipped or "none"
-        )
-        return run.as_dict()
-
-    if not run.failed and run.ran:
-        run.failed = [run.ran[-1]]  # DVC stopped inside the stage it was running
-    command_line = f"`{' '.join(run.command)}` exited with {run.returncode}"
-    if run.failed:
-        names = ", ".join(f"'{stage}'" for stage in run.failed)
-        stage_lines = [line for line in _stage_error_lines(section) if line not in dvc_errors]
-        lines = [f"DVC stage {names} failed: {command_line}", *dvc_errors]
-        lines += ["stage output:", *stage_lines] if stage_lines else []
-    else:
-        lines = [f"DVC failed before running any stage: {command_line}", *(dvc_errors or tail)]
-    raise DvcStageError("\n".join(lines), run.failed)
+    return dvc_driver.run_dvc(command, project_dir, get_run_logger())
 
 
 @task(name="back-up-uncached-outputs", **TASK_DEFAULTS)
 def back_up_uncached_outputs(project_dir: str, backup_dir: str) -> list[str]:
-    """Copy the outputs DVC does not cache (metrics, DVCLive curves) into ``backup_dir``.
-
-    DVC deletes a stage's outputs before running it and can restore only the
-    cached ones (``dvc checkout``); these copies let a failed run put the
-    others back too. Persistent outputs (training checkpoints) are never
-    deleted by DVC and are skipped. Returns the copied paths, relative to the
-    project.
-    """
-    from dvc.repo import Repo  # imported here: `prefect deploy` loads this module
-
-    copied = []
-    with Repo(project_dir) as repo:
-        for out in repo.index.outs:
-            source = Path(out.fs_path)
-            if out.use_cache or out.persist or not source.exists():
-                continue
-            relative = source.relative_to(project_dir)
-            target = Path(backup_dir, relative)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if source.is_dir():
-                shutil.copytree(source, target, symlinks=True)
-            else:
-                shutil.copy2(source, target)
-            copied.append(str(relative))
-    return copied
+    """Copy the outputs DVC does not cache (metrics, DVCLive curves) into ``backup_dir``."""
+    return dvc_driver.back_up_uncached_outputs(project_dir, backup_dir)
 
 
 @task(name="restore-workspace", **TASK_DEFAULTS)
 def restore_workspace(
     project_dir: str, params_files: dict[str, bytes], backup_dir: str, uncached: list[str]
 ) -> None:
-    """Put the workspace back as it was before a failed run.
-
-    The params files an experiment's ``-S`` rewrote get their previous bytes
-    back; uncached outputs DVC deleted come back from ``backup_dir``; then
-    ``dvc checkout`` restores the cached outputs ``dvc.lock`` records from the
-    DVC cache. (``dvc.lock`` is only written for stages that succeeded, so it
-    still describes the last good outputs of the failed one.)
-    """
-    logger = get_run_logger()
-    for name, content in params_files.items():
-        path = Path(project_dir, name)
-        if not path.is_file() or path.read_bytes() != content:
-            path.write_bytes(content)
-            logger.info("restored %s", name)
-    for relative in uncached:
-        target, copy = Path(project_dir, relative), Path(backup_dir, relative)
-        if not target.exists():  # deleted by DVC for the stage that failed
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if copy.is_dir():
-                shutil.copytree(copy, target, symlinks=True)
-            else:
-                shutil.copy2(copy, target)
-            logger.info("restored %s", relative)
-    result = subprocess.run(
-        [_executable("dvc"), "checkout"],
-        cwd=project_dir, env=subprocess_env(), capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    output = (result.stdout + result.stderr).strip()
-    if result.returncode == 0:
-        logger.info("restored the outputs dvc.lock records from the DVC cache\n%s", output)
-    else:
-        logger.warning("dvc checkout could not restore every output:\n%s", output)
+    """Put the params files, uncached and cached outputs back as before a failed run."""
+    dvc_driver.restore_workspace(project_dir, params_files, backup_dir, uncached, get_run_logger())
 
 
-def _params_files(project_dir: str, overrides: list[str]) -> dict[str, bytes]:
-    """Current bytes of the params files ``dvc exp run -S`` will rewrite."""
-    names = {"params.yaml"}
-    for override in overrides:
-        key = override.split("=", 1)[0]
-        if ":" in key:  # `other.yaml:key=value`
-            names.add(key.split(":", 1)[0])
-    paths = {name: Path(project_dir, name) for name in sorted(names)}
-    return {name: path.read_bytes() for name, path in paths.items() if path.is_file()}
-
-
-@task(
-    name="read-dvc-metrics",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=1),
-    **TASK_DEFAULTS,
-)
+@task(name="read-dvc-metrics", **{**RETRIED, "retries": 3}, **TASK_DEFAULTS)
 def read_metrics(project_dir: str) -> dict[str, dict[str, Any]]:
-    """``dvc metrics show --json`` of the workspace, as ``{metrics file: {metric: value}}``.
-
-    Nested keys are flattened with dots (``per_class_iu.pole``). Files DVC
-    declares but could not read (not produced yet) are logged and left out.
-    """
-    logger = get_run_logger()
-    result = subprocess.run(
-        [_executable("dvc"), "metrics", "show", "--json"],
-        cwd=project_dir, env=subprocess_env(), capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"dvc metrics show failed ({result.returncode}): {result.stderr.strip()}"
-        )
-    revisions = json.loads(result.stdout or "{}")
-    workspace = revisions.get("workspace", revisions.get("", {}))
-    files: dict[str, dict[str, Any]] = {}
-    for path, entry in (workspace.get("data") or {}).items():  # dvc.yaml order
-        if "error" in entry:
-            logger.warning("metrics file %s: %s", path, entry["error"].get("msg", entry["error"]))
-            continue
-        files[path] = _flatten(entry.get("data") or {})
-    logger.info("DVC reports metrics in %s", sorted(files) or "no file yet")
-    return files
+    """``dvc metrics show --json`` of the workspace, as ``{metrics file: {metric: value}}``."""
+    return dvc_driver.read_metrics(project_dir, get_run_logger())
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _git(project_dir: str, *args: str) -> str:
-    result = subprocess.run(
-        ["git", *args], cwd=project_dir, capture_output=True, text=True, check=True
-    )
-    return result.stdout.strip()
-
-
-@task(
-    name="read-dvc-revision",
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=1),
-    **TASK_DEFAULTS,
-)
+@task(name="read-dvc-revision", **RETRIED, **TASK_DEFAULTS)
 def read_revision(project_dir: str, experiment: str | None) -> dict[str, str | None]:
     """The git commit the workspace is based on and, for an experiment, its name and ref sha."""
-    revision: dict[str, str | None] = {
-        "commit": _git(project_dir, "rev-parse", "HEAD"),
-        "experiment": experiment,
-        "experiment_sha": None,
-    }
-    if experiment:
-        # DVC keeps each experiment as refs/exps/<baseline sha>/<name>.
-        refs = _git(project_dir, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps")
-        for line in refs.splitlines():
-            sha, ref = line.split(" ", 1)
-            if ref.rsplit("/", 1)[-1] == experiment:
-                revision["experiment_sha"] = sha
-    return revision
+    return dvc_driver.read_revision(project_dir, experiment)
 
 
-def metrics_markdown(
-    files: dict[str, dict[str, Any]], revision: dict[str, Any], dvc_run: dict[str, Any]
-) -> str:
-    """The ``fcn-metrics`` artifact: the revision, what DVC ran, and the metrics.
-
-    ``files`` is :func:`read_metrics`' result. Files with the paper's scores
-    (``metrics/<variant>.json``) make one table row per variant, named by the
-    file's stem; every other metric DVC reports follows, per file.
-    """
-    lines = ["# FCN metrics", ""]
-    lines.append(f"- git commit: `{revision['commit']}`")
-    if revision.get("experiment"):
-        sha = revision.get("experiment_sha") or "?"
-        lines.append(f"- DVC experiment: `{revision['experiment']}` (`{sha}`)")
-    lines.append(f"- command: `{' '.join(dvc_run['command'])}`")
-    lines.append(f"- stages run: {', '.join(dvc_run['ran']) or 'none'}")
-    lines.append(f"- stages unchanged: {', '.join(dvc_run['skipped']) or 'none'}")
-    lines.append("")
-    if not files:
-        lines.append("No metrics yet: `dvc metrics show` reports none for this revision.")
-        return "\n".join(lines) + "\n"
-    scored = {path: m for path, m in files.items() if set(m) & set(FCN_METRICS)}
-    if scored:
-        stems = [Path(path).stem for path in scored]
-        unique = len(set(stems)) == len(stems)
-        lines.append("| variant | " + " | ".join(FCN_METRICS.values()) + " |")
-        lines.append("|---" * (len(FCN_METRICS) + 1) + "|")
-        for path, metrics in scored.items():
-            cells = " | ".join(_cell(metrics.get(key)) for key in FCN_METRICS)
-            lines.append(f"| {Path(path).stem if unique else path} | {cells} |")
-        lines.append("")
-    others = {
-        path: {k: v for k, v in m.items() if k not in FCN_METRICS} for path, m in files.items()
-    }
-    if any(others.values()):
-        lines += ["Other metrics:", ""]
-        for path, metrics in others.items():
-            if metrics:
-                values = ", ".join(f"{k}={_cell(v)}" for k, v in metrics.items())
-                lines.append(f"- `{path}`: {values}")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-@task(
-    name="publish-metrics-artifact",
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=1),
-    **TASK_DEFAULTS,
-)
+@task(name="publish-metrics-artifact", **RETRIED, **TASK_DEFAULTS)
 def publish_metrics(markdown: str, summary: str) -> str:
     """Create the ``fcn-metrics`` markdown artifact; returns its id."""
     return str(create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY, description=summary))
@@ -456,7 +98,8 @@ def pipeline_flow(
             takes them (``data.synthetic.seed=1``); need ``experiment``.
         experiment: run ``dvc exp run`` (an experiment, listed by ``dvc exp
             show``) instead of ``dvc repro``.
-        experiment_name: the experiment's name (``--name``); DVC picks one if empty.
+        experiment_name: the experiment's name (``--name``); default
+            ``run-<date>-<time>``, so the flow always knows which one it ran.
 
     Returns what DVC ran and skipped, the metrics per file and the revision.
     """
@@ -467,8 +110,11 @@ def pipeline_flow(
             f"no dvc.yaml in {project_dir}: the flow must run in the project directory "
             "(prefect.yaml's set_working_directory pull step)"
         )
-    command = dvc_command(list(targets or []), list(overrides or []), experiment, experiment_name)
-    params_before = _params_files(project_dir, list(overrides or [])) if experiment else {}
+    overrides = list(overrides or [])
+    if experiment and not experiment_name:
+        experiment_name = time.strftime("run-%Y%m%d-%H%M%S")
+    command = dvc_command(list(targets or []), overrides, experiment, experiment_name)
+    params_before = dvc_driver.params_files(project_dir, overrides) if experiment else {}
     with tempfile.TemporaryDirectory(prefix="fcn-pipeline-backup-") as backup_dir:
         uncached = back_up_uncached_outputs(project_dir, backup_dir)
         try:
@@ -479,8 +125,9 @@ def pipeline_flow(
             if error.stages or params_before:
                 restore_workspace(project_dir, params_before, backup_dir, uncached)
             raise
+    dvc_run["experiment"] = experiment_name if experiment else None
     metrics = read_metrics(project_dir)
-    revision = read_revision(project_dir, dvc_run["experiment"] or experiment_name)
+    revision = read_revision(project_dir, dvc_run["experiment"])
     summary = f"{len(metrics)} metrics file(s) at {revision['commit'][:7]}"
     if revision["experiment"]:
         summary += f", experiment {revision['experiment']}"

@@ -11,6 +11,9 @@ from fcn_pipeline.config import StatsParams
 from fcn_pipeline.stats import DatasetCounts
 from flows.common import TASK_DEFAULTS, stage_params
 
+# The params.yaml groups this stage reads; dvc.yaml declares the same.
+PARAMS = ("stats",)
+
 
 @task(name="count-class-pixels", **TASK_DEFAULTS)
 def count_class_pixels(params: StatsParams) -> DatasetCounts:
@@ -60,6 +63,6 @@ def write_class_weights(counts: DatasetCounts, out: str) -> dict[str, Any]:
 @flow(name="stats", log_prints=True)
 def stats_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Run the stats stage with ``params_file`` (``stats:`` section) and overrides."""
-    params = stage_params(params_file, overrides).stats
+    params = stage_params(params_file, overrides, PARAMS).stats
     counts = count_class_pixels(params)
     return write_class_weights(counts, params.out)

@@ -9,10 +9,14 @@ from prefect import flow, get_run_logger, task
 from fcn_pipeline.config import TrainParams
 from flows.common import TASK_DEFAULTS, stage_params
 
+# The params.yaml groups this stage reads; dvc.yaml declares the same.
+PARAMS = ("train", "epochs")
+
 
 @task(name="train-fcn", **TASK_DEFAULTS)
-def train_fcn(params: TrainParams, variant: str) -> dict[str, Any]:
-    """Train ``variant`` (resuming from its checkpoint); log epochs to ``<live>/<variant>``."""
+def train_fcn(params: TrainParams, variant: str, epochs: int) -> dict[str, Any]:
+    """Train ``variant`` for ``epochs`` epochs (resuming from its checkpoint); log epochs
+    to ``<live>/<variant>``."""
     from dvclive import Live
 
     from fcn_pipeline.training import train_variant
@@ -30,7 +34,9 @@ def train_fcn(params: TrainParams, variant: str) -> dict[str, Any]:
                 live.log_metric(name, value)
             live.next_step()
 
-        result = train_variant(params, variant, on_epoch_end=on_epoch_end, log=logger.info)
+        result = train_variant(
+            params, variant, epochs, on_epoch_end=on_epoch_end, log=logger.info
+        )
     final = result.history[-1] if result.history else {}
     logger.info(
         "%s: %d epochs (%d restored from the checkpoint), final val mean IU %s; wrote %s",
@@ -47,6 +53,7 @@ def train_fcn(params: TrainParams, variant: str) -> dict[str, Any]:
 def train_flow(
     variant: str, params_file: str = "params.yaml", overrides: dict[str, Any] | None = None
 ) -> dict:
-    """Run the ``train_<variant>`` stage with ``params_file`` (``train:``) and overrides."""
-    params = stage_params(params_file, overrides).train
-    return train_fcn(params, variant)
+    """Run the ``train@<variant>`` stage with ``params_file`` (``train:`` and
+    ``epochs.<variant>``) and overrides."""
+    params = stage_params(params_file, overrides, PARAMS)
+    return train_fcn(params.train, variant, getattr(params.epochs, variant))

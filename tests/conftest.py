@@ -83,7 +83,6 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fcn_pipeline.config import DataParams, PatchesParams, StatsParams, SyntheticParams
     from fcn_pipeline.ingest import ingest
     from fcn_pipeline.patches import extract_patches
-    from fcn_pipeline.stats import compute_stats
 
     root = tmp_path_factory.mktemp("tiny")
     synthetic = SyntheticParams(height=48, width=64, splits={"train": 8, "val": 4, "test": 4})
@@ -122,3 +121,10 @@ def copy_project(dest: Path) -> Path:
     ):
         subprocess.run(command, cwd=dest, check=True)
     return dest
+
+
+def compute_stats(params, out):
+    """The stats stage without Prefect: count ``params.data``, write ``out``."""
+    from fcn_pipeline.stats import count_classes, write_stats
+
+    return write_stats(count_classes(params.data, params.workers), out)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fcn_pipeline.checkpoints import MODEL_FILE, load_model, model_record, save_file
 from fcn_pipeline.config import EvaluateParams, TrainParams
 from fcn_pipeline.data import SegmentationDataset
 from fcn_pipeline.errors import CheckpointError, ConfigError
@@ -21,7 +22,7 @@ from fcn_pipeline.evaluation import (
 )
 from fcn_pipeline.metrics import confusion_matrix, segmentation_scores
 from fcn_pipeline.models import build_fcn
-from fcn_pipeline.training import MODEL_FILE, load_model, model_record, save_file, train_variant
+from fcn_pipeline.training import train_variant
 
 CLASSES = ["background", "bus", "disc", "triangle", "checker", "pole"]
 
@@ -36,13 +37,12 @@ def trained(tiny_data, tmp_path_factory) -> Path:
         stats=str(tiny_data / "stats"),
         out=str(out),
         width=0.03125,
-        epochs={"fcn32s": 2},
         batch_size=2,
         device="cpu",
         workers=0,
         lr=3e-3,
     )
-    train_variant(params, "fcn32s")
+    train_variant(params, "fcn32s", 2)
     return out
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,3 +165,13 @@ def test_confusion_matrix_ignores_pred_at_ignored_pixels() -> None:
 def test_confusion_matrix_rejects_float_inputs() -> None:
     with pytest.raises(TypeError, match="float32"):
         confusion_matrix(torch.zeros(3), torch.zeros(3, dtype=torch.long), 2)
+
+
+def test_scores_accept_the_reference_numpy_histogram_and_name_other_types():
+    hist = np.array([[5, 1, 0], [2, 7, 1], [0, 0, 4]], dtype=np.int64)
+    from_numpy = segmentation_scores(hist)
+    from_tensor = segmentation_scores(torch.from_numpy(hist))
+    assert from_numpy == from_tensor
+    assert from_numpy["pixel_acc"] == pytest.approx(16 / 20)
+    with pytest.raises(TypeError, match=r"torch\.Tensor or numpy\.ndarray, got list"):
+        segmentation_scores(hist.tolist())

@@ -51,13 +51,8 @@ def test_dvc_repro_whole_pipeline_then_metrics_and_plots(project_copy, prefect_a
     )
     params["data"]["workers"] = params["stats"]["workers"] = params["patches"]["workers"] = 1
     params["patches"]["patches_per_image"] = 2
-    params["train"].update(
-        width=0.03125,
-        epochs={"fcn32s": 1, "fcn16s": 1, "fcn8s": 1, "fcn8s_atonce": 1},
-        batch_size=2,
-        workers=0,
-        device="cpu",
-    )
+    params["train"].update(width=0.03125, batch_size=2, workers=0, device="cpu")
+    params["epochs"] = {"fcn32s": 1, "fcn16s": 1, "fcn8s": 1}
     params["evaluate"].update(workers=0, overlays=2, device="cpu")
     (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -92,4 +87,11 @@ def test_dvc_repro_whole_pipeline_then_metrics_and_plots(project_copy, prefect_a
     params["train"]["loss_sampling"] = 0.5
     (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stale = dvc(project_copy, "status", env=env)
-    assert "train_fcn32s" in stale.stdout and "ingest" not in stale.stdout, stale.stdout
+    assert "train@fcn32s" in stale.stdout and "ingest" not in stale.stdout, stale.stdout
+
+    # One stage's epochs rerun that stage and what follows it, not the coarser nets.
+    params["train"]["loss_sampling"] = 1.0
+    params["epochs"]["fcn8s"] = 2
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = json.loads(dvc(project_copy, "status", "--json", env=env).stdout)
+    assert "train@fcn8s" in stale and "train@fcn16s" not in stale, stale

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from flows.pipeline import _stage_error_lines, dvc_command, metrics_markdown
+from flows.dvc_driver import _stage_error_lines, dvc_command, metrics_markdown
 from tests.conftest import copy_project
 
 # A tiny run (as in test_pipeline_dvc.py). Only keys params.yaml has are set:
@@ -35,7 +35,7 @@ TINY = {
     "patches.workers": 1,
     "patches.patches_per_image": 2,
     "train.width": 0.03125,
-    "train.epochs": {"fcn32s": 1, "fcn16s": 1, "fcn8s": 1, "fcn8s_atonce": 1},
+    "epochs": {"fcn32s": 1, "fcn16s": 1, "fcn8s": 1},
     "train.batch_size": 2,
     "train.workers": 0,
     "train.device": "cpu",

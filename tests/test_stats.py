@@ -13,24 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fcn_pipeline.class_weights import SCHEMES, read_stats, scheme_weights
+from fcn_pipeline.class_weights import load_class_weights as load_weights
 from fcn_pipeline.config import DataParams, StatsParams, SyntheticParams, parse_params
 from fcn_pipeline.errors import ConfigError, DatasetError
 from fcn_pipeline.ingest import ingest
-from fcn_pipeline.stats import (
-    SCHEMES,
-    AbsentClassWarning,
-    class_weights,
-    compute_stats,
-    count_classes,
-    count_labels,
-    load_class_weights,
-    read_stats,
-)
+from fcn_pipeline.stats import AbsentClassWarning, count_classes
 from fcn_pipeline.store import (
     IGNORE_INDEX,
     META_FILE,
     DatasetMeta,
     ShardInfo,
+    count_labels,
     decode_mask,
     encode_png,
     iter_shard,
@@ -38,6 +32,7 @@ from fcn_pipeline.store import (
     write_shard,
 )
 from flows.cli import main
+from tests.conftest import compute_stats
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_SYNTHETIC = SyntheticParams(height=64, width=64, splits={"train": 12, "val": 2, "test": 2})
@@ -120,6 +115,16 @@ def test_counts_of_a_hand_made_dataset(hand_dataset: Path) -> None:
     # a: images 0 and 1 (12 + 16 labelled), b: images 0 and 2 (12 + 8), c: image 1.
     np.testing.assert_array_equal(train.image_pixels_with_class, [28, 20, 16, 0])
     assert train.ignored_pixels == 4 and train.labelled_pixels == 36
+
+
+def class_weights(train, scheme: str) -> np.ndarray:
+    return scheme_weights(scheme, train.pixels, train.image_pixels_with_class)
+
+
+def load_class_weights(stats_dir: Path, scheme: str) -> np.ndarray:
+    """The weights of ``scheme``, with the class list the stats themselves name."""
+    names = json.loads((Path(stats_dir) / "stats.json").read_text())["class_names"]
+    return load_weights(stats_dir, scheme, names)[0]
 
 
 def test_weights_of_a_hand_made_dataset(hand_dataset: Path) -> None:
@@ -205,6 +210,7 @@ def test_a_class_absent_from_train_gets_weight_zero_and_a_warning(
     for scheme in ("median_frequency", "inverse_frequency", "enet"):
         assert result.weights[scheme][3] == 0.0
         assert all(w > 0 for w in result.weights[scheme][:3])
+    assert result.weights["none"] == [1.0, 1.0, 1.0, 1.0]
     assert read_stats(tmp_path / "s")["absent_classes"] == ["d"]
 
 
@@ -278,12 +284,25 @@ def test_a_dataset_without_train_split_is_refused(tmp_path: Path) -> None:
 
 def test_missing_or_malformed_stats_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=re.escape(str(tmp_path / "stats.json"))):
-        load_class_weights(tmp_path, "median_frequency")
+        load_weights(tmp_path, "median_frequency", ["a"])
     (tmp_path / "stats.json").write_text('{"class_names": ["a"], "weights": {}}')
     with pytest.raises(DatasetError, match=r"stats\.json: malformed"):
-        load_class_weights(tmp_path, "median_frequency")
+        load_weights(tmp_path, "median_frequency", ["a"])
     with pytest.raises(ConfigError, match="'median'"):
-        load_class_weights(tmp_path, "median")
+        load_weights(tmp_path, "median", ["a"])
+
+
+def test_weights_of_other_classes_or_another_train_split_are_refused(
+    hand_dataset: Path, tmp_path: Path
+) -> None:
+    compute_stats(StatsParams(data=str(hand_dataset), workers=1), tmp_path / "s")
+    names = read_stats(tmp_path / "s")["class_names"]
+    weights, _ = load_weights(tmp_path / "s", "enet", names, train_images=3)
+    assert weights.shape == (len(names),)
+    with pytest.raises(DatasetError, match="differ from the dataset's"):
+        load_weights(tmp_path / "s", "enet", [*names, "extra"])
+    with pytest.raises(DatasetError, match="counts 3 train images, the dataset has 4"):
+        load_weights(tmp_path / "s", "enet", names, train_images=4)
 
 
 @pytest.mark.parametrize(

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 import fcn_pipeline.training as training
-from fcn_pipeline.config import ConfigError, TrainParams, parse_params
-from fcn_pipeline.errors import CheckpointError, DatasetError, TrainingDivergedError
-from fcn_pipeline.stats import load_class_weights
-from fcn_pipeline.training import (
+from fcn_pipeline.checkpoints import (
     CHECKPOINT_FILE,
     MODEL_FILE,
-    class_weights_for,
     load_model,
-    poly_factor,
-    train_variant,
+    model_record,
+    save_file,
 )
+from fcn_pipeline.class_weights import load_class_weights
+from fcn_pipeline.config import ConfigError, TrainParams, parse_params
+from fcn_pipeline.errors import CheckpointError, DatasetError, TrainingDivergedError
+from fcn_pipeline.training import build_criterion, poly_factor, train_variant
 from flows.cli import main as cli_main
 
 
@@ -30,7 +30,6 @@ def tiny_params(tiny_data: Path, out: Path, **changes) -> TrainParams:
         "stats": str(tiny_data / "stats"),
         "out": str(out),
         "width": 0.03125,
-        "epochs": {"fcn32s": 1, "fcn16s": 1, "fcn8s": 1, "fcn8s_atonce": 1},
         "batch_size": 4,
         "eval_batch_size": 4,
         "device": "cpu",
@@ -51,7 +50,9 @@ def model_state(path: Path) -> dict:
 
 def test_same_params_and_seed_give_identical_models_and_metrics(tiny_data, tmp_path):
     runs = [
-        train_variant(tiny_params(tiny_data, tmp_path / name, loss_sampling=0.5), "fcn32s")
+        train_variant(
+            tiny_params(tiny_data, tmp_path / name, loss_sampling=0.5, hflip=True), "fcn32s", 1
+        )
         for name in ("a", "b")
     ]
     assert runs[0].history[0]["train_loss"] == runs[1].history[0]["train_loss"]
@@ -59,33 +60,33 @@ def test_same_params_and_seed_give_identical_models_and_metrics(tiny_data, tmp_p
         assert runs[0].history[0][key] == runs[1].history[0][key]
     assert state_dicts_equal(model_state(runs[0].model_path), model_state(runs[1].model_path))
     # A different seed trains a different net.
-    other = train_variant(tiny_params(tiny_data, tmp_path / "c", seed=4), "fcn32s")
+    other = train_variant(tiny_params(tiny_data, tmp_path / "c", seed=4), "fcn32s", 1)
     assert not state_dicts_equal(model_state(other.model_path), model_state(runs[0].model_path))
 
 
 def test_staged_training_starts_each_variant_from_the_coarser_model(tiny_data, tmp_path):
-    params = tiny_params(tiny_data, tmp_path, epochs={"fcn32s": 1, "fcn16s": 0, "fcn8s": 1})
-    train_variant(params, "fcn32s")
+    params = tiny_params(tiny_data, tmp_path)
+    train_variant(params, "fcn32s", 1)
     # 0 epochs: FCN-16s is exactly its initialisation from FCN-32s.
-    result = train_variant(params, "fcn16s")
+    result = train_variant(params, "fcn16s", 0)
     fcn32s, fcn16s = model_state(tmp_path / "fcn32s" / MODEL_FILE), model_state(result.model_path)
     for key in fcn32s:
         if key in fcn16s:
             assert torch.equal(fcn32s[key], fcn16s[key]), key
     assert not fcn16s["score_pool4.weight"].any()  # new skip starts at zero
-    fcn8s = train_variant(params, "fcn8s")
+    fcn8s = train_variant(params, "fcn8s", 1)
     assert load_model(fcn8s.model_path).variant == "fcn8s"
 
 
 def test_at_once_trains_fcn8s_without_a_coarser_model(tiny_data, tmp_path):
-    result = train_variant(tiny_params(tiny_data, tmp_path, at_once=True), "fcn8s")
+    result = train_variant(tiny_params(tiny_data, tmp_path, at_once=True), "fcn8s", 1)
     assert result.variant == "fcn8s_atonce"
     assert load_model(result.model_path).variant == "fcn8s_atonce"
 
 
 def test_patch_mode_trains_on_the_patches(tiny_data, tmp_path):
-    full = train_variant(tiny_params(tiny_data, tmp_path / "full"), "fcn32s")
-    patch = train_variant(tiny_params(tiny_data, tmp_path / "patch", mode="patch"), "fcn32s")
+    full = train_variant(tiny_params(tiny_data, tmp_path / "full"), "fcn32s", 1)
+    patch = train_variant(tiny_params(tiny_data, tmp_path / "patch", mode="patch"), "fcn32s", 1)
     assert full.history[0]["train_images"] == 8  # whole images
     assert patch.history[0]["train_images"] == 32  # 8 images x 4 patches of 32x32
 
@@ -95,22 +96,21 @@ class InterruptError(Exception):
 
 
 def test_an_interrupted_run_resumes_from_its_last_epoch(tiny_data, tmp_path):
-    epochs = {"fcn32s": 3, "fcn16s": 1, "fcn8s": 1}
-    reference = train_variant(tiny_params(tiny_data, tmp_path / "ref", epochs=epochs), "fcn32s")
+    reference = train_variant(tiny_params(tiny_data, tmp_path / "ref"), "fcn32s", 3)
 
-    params = tiny_params(tiny_data, tmp_path / "run", epochs=epochs)
+    params = tiny_params(tiny_data, tmp_path / "run")
 
     def kill_after_first_epoch(epoch: int, metrics: dict) -> None:
         if epoch == 1:
             raise InterruptError
 
     with pytest.raises(InterruptError):
-        train_variant(params, "fcn32s", on_epoch_end=kill_after_first_epoch)
+        train_variant(params, "fcn32s", 3, on_epoch_end=kill_after_first_epoch)
     assert (tmp_path / "run" / "fcn32s" / CHECKPOINT_FILE).is_file()
     assert not (tmp_path / "run" / "fcn32s" / MODEL_FILE).exists()
 
     seen: list[int] = []
-    resumed = train_variant(params, "fcn32s", on_epoch_end=lambda e, m: seen.append(e))
+    resumed = train_variant(params, "fcn32s", 3, on_epoch_end=lambda e, m: seen.append(e))
     assert resumed.resumed_from == 1
     assert seen == [1, 2, 3]  # epoch 1 replayed from the checkpoint, then 2 and 3 trained
     assert [h["train_loss"] for h in resumed.history] == [
@@ -120,20 +120,21 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(tiny_data, tmp_path):
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(tiny_data, tmp_path):
-    train_variant(tiny_params(tiny_data, tmp_path), "fcn32s")
-    again = train_variant(tiny_params(tiny_data, tmp_path, lr=5e-4), "fcn32s")
+    train_variant(tiny_params(tiny_data, tmp_path), "fcn32s", 1)
+    again = train_variant(tiny_params(tiny_data, tmp_path, lr=5e-4), "fcn32s", 1)
     assert again.resumed_from == 0
 
 
 def test_class_weights_come_from_the_stats_output(tiny_data, tmp_path):
     params = tiny_params(tiny_data, tmp_path, class_weighting="median_frequency")
-    weights = class_weights_for(
-        params, ["background", "bus", "disc", "triangle", "checker", "pole"]
-    )
-    expected = load_class_weights(tiny_data / "stats", "median_frequency")
+    names = ["background", "bus", "disc", "triangle", "checker", "pole"]
+    weights = build_criterion(params, names, 32).class_weights
+    expected, _ = load_class_weights(tiny_data / "stats", "median_frequency", names)
     assert torch.allclose(weights.double(), torch.from_numpy(expected).double(), rtol=1e-6)
-    assert class_weights_for(tiny_params(tiny_data, tmp_path), ["a", "b"]) is None
-    result = train_variant(params, "fcn32s")
+    assert build_criterion(tiny_params(tiny_data, tmp_path), ["a", "b"], 32).class_weights is None
+    with pytest.raises(DatasetError, match="differ from the dataset's"):
+        build_criterion(params, ["a", "b"], 32)
+    result = train_variant(params, "fcn32s", 1)
     assert result.history[0]["train_images"] == 8
 
 
@@ -142,33 +143,31 @@ def test_missing_stats_file_is_a_clear_error(tiny_data, tmp_path):
         tiny_data, tmp_path / "m", stats=str(tmp_path / "no-stats"), class_weighting="enet"
     )
     with pytest.raises(DatasetError, match=r"stats\.json"):
-        train_variant(params, "fcn32s")
+        train_variant(params, "fcn32s", 1)
     assert not (tmp_path / "m").exists()
 
 
 def test_missing_or_mismatched_coarser_model_is_a_clear_error(tiny_data, tmp_path):
     params = tiny_params(tiny_data, tmp_path)
     with pytest.raises(CheckpointError, match=r"fcn32s/model\.pt: not found"):
-        train_variant(params, "fcn16s")
+        train_variant(params, "fcn16s", 1)
     # An FCN-32s trained on 3 classes cannot start a 6-class FCN-16s.
     model = training.build_fcn("fcn32s", 3, width=0.03125)
-    training.save_file(
-        tmp_path / "fcn32s" / MODEL_FILE, training.model_record(model, ["a", "b", "c"])
-    )
+    save_file(tmp_path / "fcn32s" / MODEL_FILE, model_record(model, ["a", "b", "c"]))
     with pytest.raises(CheckpointError, match="3 classes"):
-        train_variant(params, "fcn16s")
+        train_variant(params, "fcn16s", 1)
     assert not (tmp_path / "fcn16s" / MODEL_FILE).exists()
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_overwrites_nothing(tiny_data, tmp_path):
     params = tiny_params(tiny_data, tmp_path)
-    train_variant(params, "fcn32s")
+    train_variant(params, "fcn32s", 1)
     model_file = tmp_path / "fcn32s" / MODEL_FILE
     before = model_file.read_bytes()
     checkpoint = tmp_path / "fcn32s" / CHECKPOINT_FILE
     checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=re.escape(f"{checkpoint}: corrupt")):
-        train_variant(params, "fcn32s")
+        train_variant(params, "fcn32s", 1)
     assert model_file.read_bytes() == before
     with pytest.raises(CheckpointError, match="corrupt"):
         load_model(checkpoint)
@@ -176,10 +175,11 @@ def test_corrupt_checkpoint_is_a_clear_error_and_overwrites_nothing(tiny_data, t
 
 def test_nan_loss_stops_with_the_step_and_learning_rate(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(
-        training, "segmentation_loss", lambda logits, *a, **k: logits.sum() * float("nan")
+        "fcn_pipeline.losses.segmentation_loss",
+        lambda logits, *a, **k: logits.sum() * float("nan"),
     )
     with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 0 .*learning rate"):
-        train_variant(tiny_params(tiny_data, tmp_path), "fcn32s")
+        train_variant(tiny_params(tiny_data, tmp_path), "fcn32s", 1)
     assert not (tmp_path / "fcn32s" / MODEL_FILE).exists()
 
 
@@ -197,7 +197,8 @@ def test_poly_schedule():
         ("train.loss_sampling", 0.0, "train.loss_sampling"),
         ("train.loss_sampling", 1.5, "train.loss_sampling"),
         ("train.optimizer", "lbfgs", "train.optimizer"),
-        ("train.epochs.fcn64s", 3, "train.epochs.fcn64s"),
+        ("epochs.fcn64s", 3, "epochs.fcn64s"),
+        ("epochs.fcn8s", -1, "epochs.fcn8s"),
         ("evaluate.split", "dev", "evaluate.split"),
     ],
 )
@@ -221,3 +222,16 @@ def test_cli_rejects_bad_input_before_any_work(argv, message, capsys, tmp_path, 
     assert cli_main(argv) == 1
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [tmp_path / "params.yaml"]
+
+
+def test_hflip_mirrors_each_image_with_its_own_mask():
+    torch.manual_seed(0)
+    images = torch.arange(64 * 3 * 2 * 5, dtype=torch.float32).reshape(64, 3, 2, 5)
+    masks = torch.arange(64 * 2 * 5).reshape(64, 2, 5) % 7
+    flipped_images, flipped_masks = training.random_hflip(images, masks)
+    mirrored = [torch.equal(flipped_images[i], images[i].flip(-1)) for i in range(64)]
+    for i in range(64):
+        expected = masks[i].flip(-1) if mirrored[i] else masks[i]
+        assert torch.equal(flipped_masks[i], expected)
+        assert mirrored[i] or torch.equal(flipped_images[i], images[i])
+    assert 16 < sum(mirrored) < 48  # about half, drawn per image
