@@ -331,7 +331,9 @@ def init_from_coarser(model: nn.Module, coarser_state_dict: Mapping[str, Tensor]
     ours = model.state_dict()
     for key in coarser_state_dict:
         if key.startswith("backbone.") and key not in ours:
-            raise ValueError(f"coarser state dict has {key!r}, this model not: another norm?")
+            raise ValueError(
+                f"coarser state dict has {key!r}, which this model lacks: another norm?"
+            )
     for key, tensor in ours.items():
         if key not in coarser_state_dict:
             if key.startswith(("backbone.", "score_fr.")):
