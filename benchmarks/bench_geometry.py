@@ -12,8 +12,9 @@ GFLOP/image (counted on the meta device) and conv1's map size say where the time
 ``--compile`` also times ``torch.compile(model)`` (inductor) for the same step: the
 compile time (the first step, minus a steady step) separately, then steady-state ms/image.
 
-    .venv/bin/python benchmarks/bench_geometry.py              # ~1-2 min on a 2-core CPU
-    .venv/bin/python benchmarks/bench_geometry.py --compile    # plus a compile per config
+    .venv/bin/python benchmarks/bench_geometry.py              # ~1-3 min on a 2-core CPU
+    .venv/bin/python benchmarks/bench_geometry.py --threads 1  # steadier on a busy machine
+    .venv/bin/python benchmarks/bench_geometry.py --compile    # + 3-5 min a config, busy CPU
 """
 
 from __future__ import annotations
