@@ -18,6 +18,13 @@ out f/2 pixels at each end. So the same crops apply, each shifted by the f/2 pix
 step that are missing (FCN-32s 3; FCN-16s 6 and 3; FCN-8s 6, 12 and 3). Inside, both
 interpolate between the same two coarse pixels and agree; within f pixels of a map's edge
 the deconvolution fades towards zero where the resize repeats the edge value.
+
+``geometry="same"`` (a departure from the paper, see :mod:`fcn_pipeline.models.geometry`)
+drops the 100-pixel padding: every stride-s map has ceil(H / s) pixels, the transposed
+convolutions are padded to make f h pixels, and it is the upsampled coarse map, which may
+be a pixel longer than its skip, that is cropped (by 0 pixels: the grids coincide). Each
+model's ``crop_offsets`` names the maps it crops. ``norm="batch"`` adds BatchNorm to the
+backbone (:class:`~fcn_pipeline.models.vgg16.VGG16Backbone`).
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from fcn_pipeline.models.geometry import Grid
+from fcn_pipeline.models.geometry import GEOMETRIES, Grid
 from fcn_pipeline.models.upsample import UPSAMPLE_MODES, upsampler
-from fcn_pipeline.models.vgg16 import VGG16Backbone, read_torchvision_vgg16
+from fcn_pipeline.models.vgg16 import NORMS, VGG16Backbone, read_torchvision_vgg16
 
 VARIANTS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
 BACKBONES = ("vgg16",)
@@ -59,6 +66,36 @@ def crop(x: Tensor, offset: int, like: Tensor) -> Tensor:
     return x[:, :, offset : offset + height, offset : offset + width]
 
 
+def fusion_crop(upsampled_name: str, upsampled: Grid, skip_name: str, skip: Grid) -> dict[str, int]:
+    """How a skip fusion lines up its two maps: ``{name: offset}`` of the one to crop.
+
+    The map that starts earlier on the input is cropped to the other one's grid and size:
+    the skip in the ``paper`` geometry (conv1_1's padding makes pool3/pool4 reach far
+    beyond the image), the upsampled map in ``same`` (both start on the same point, and the
+    upsampled coarse map, 2 ceil(H / 2s) pixels, may end a pixel after the skip's ceil(H / s)).
+    Raises ValueError if the two grids cannot be aligned by a crop.
+    """
+    if upsampled.origin <= skip.origin:
+        return {upsampled_name: upsampled.offset_onto(skip)}
+    return {skip_name: skip.offset_onto(upsampled)}
+
+
+def fuse(
+    upsampled: Tensor, skip: Tensor, offsets: Mapping[str, int], upsampled_name: str, skip_name: str
+) -> Tensor:
+    """``upsampled + skip`` after cropping whichever of the two ``offsets`` names (see
+    :func:`fusion_crop`); the sum has the size of the map that was not cropped."""
+    if skip_name in offsets:
+        return upsampled + crop(skip, offsets[skip_name], upsampled)
+    return crop(upsampled, offsets[upsampled_name], skip) + skip
+
+
+def _set_options(model: nn.Module, num_classes: int, backbone: VGG16Backbone, upsample: str):
+    """The attributes a model record needs to rebuild ``model``."""
+    model.num_classes, model.width, model.upsample = num_classes, backbone.width, upsample
+    model.geometry, model.norm = backbone.geometry, backbone.norm
+
+
 class FCN32s(nn.Module):
     """FCN-32s: fc7 scores upsampled 32x in one step (build it with :func:`build_fcn`).
 
@@ -70,13 +107,15 @@ class FCN32s(nn.Module):
 
     def __init__(self, num_classes: int, backbone: VGG16Backbone, upsample: str = "frozen"):
         super().__init__()
-        self.num_classes, self.width, self.upsample = num_classes, backbone.width, upsample
+        _set_options(self, num_classes, backbone, upsample)
+        padded = self.geometry == "same"
         self.backbone = backbone
         self.score_fr = score_layer(self.backbone.out_channels["fc7"], num_classes)
-        self.upscore = upsampler(num_classes, 32, upsample)
+        self.upscore = upsampler(num_classes, 32, upsample, padded=padded)
 
         upscore = self.backbone.grids["fc7"].after(self.upscore)
-        # upscore pixel 19 lies on input pixel 0 (3 with interp, which has no faded border)
+        # upscore pixel 19 lies on input pixel 0 (3 with interp, which has no faded border;
+        # 0 in the "same" geometry)
         self.crop_offsets = {"upscore": upscore.offset_onto(INPUT_GRID)}
 
     def forward(self, x: Tensor) -> Tensor:
@@ -96,28 +135,30 @@ class FCN16s(nn.Module):
 
     def __init__(self, num_classes: int, backbone: VGG16Backbone, upsample: str = "frozen"):
         super().__init__()
-        self.num_classes, self.width, self.upsample = num_classes, backbone.width, upsample
+        _set_options(self, num_classes, backbone, upsample)
+        padded = self.geometry == "same"
         self.backbone = backbone
         self.score_fr = score_layer(self.backbone.out_channels["fc7"], num_classes)
-        self.upscore2 = upsampler(num_classes, 2, upsample)
+        self.upscore2 = upsampler(num_classes, 2, upsample, padded=padded)
         self.score_pool4 = score_layer(self.backbone.out_channels["pool4"], num_classes)
-        self.upscore16 = upsampler(num_classes, 16, upsample)
+        self.upscore16 = upsampler(num_classes, 16, upsample, padded=padded)
 
         grids = self.backbone.grids
         upscore2 = grids["fc7"].after(self.upscore2)
-        upscore16 = upscore2.after(self.upscore16)
-        self.crop_offsets = {
-            # pool4 (stride 16) starts 5 pixels before upscore2 (6 with interp)
-            "score_pool4": grids["pool4"].offset_onto(upscore2),
-            # upscore16 pixel 27 lies on input pixel 0 (3 with interp)
-            "upscore16": upscore16.offset_onto(INPUT_GRID),
-        }
+        # paper: pool4 (stride 16) starts 5 pixels before upscore2 (6 with interp), so
+        # score_pool4 is cropped; same: upscore2 is cropped (by 0) to score_pool4
+        self.crop_offsets = fusion_crop("upscore2", upscore2, "score_pool4", grids["pool4"])
+        fused = upscore2 if "score_pool4" in self.crop_offsets else grids["pool4"]
+        # upscore16 pixel 27 lies on input pixel 0 (3 with interp, 0 with "same")
+        self.crop_offsets["upscore16"] = fused.after(self.upscore16).offset_onto(INPUT_GRID)
 
     def forward(self, x: Tensor) -> Tensor:
         _, pool4, fc7 = self.backbone(x)
         upscore2 = self.upscore2(self.score_fr(fc7))
-        score_pool4 = crop(self.score_pool4(pool4), self.crop_offsets["score_pool4"], upscore2)
-        upscore16 = self.upscore16(upscore2 + score_pool4)  # fuse_pool4
+        fuse_pool4 = fuse(
+            upscore2, self.score_pool4(pool4), self.crop_offsets, "upscore2", "score_pool4"
+        )
+        upscore16 = self.upscore16(fuse_pool4)
         return crop(upscore16, self.crop_offsets["upscore16"], x)
 
 
@@ -141,30 +182,33 @@ class FCN8s(nn.Module):
         at_once: bool = False,
     ):
         super().__init__()
-        self.num_classes, self.width, self.upsample = num_classes, backbone.width, upsample
+        _set_options(self, num_classes, backbone, upsample)
+        padded = self.geometry == "same"
         self.variant = "fcn8s_atonce" if at_once else "fcn8s"
         self.scale_pool4 = AT_ONCE_SCALE_POOL4 if at_once else 1.0
         self.scale_pool3 = AT_ONCE_SCALE_POOL3 if at_once else 1.0
         self.backbone = backbone
         self.score_fr = score_layer(self.backbone.out_channels["fc7"], num_classes)
-        self.upscore2 = upsampler(num_classes, 2, upsample)
+        self.upscore2 = upsampler(num_classes, 2, upsample, padded=padded)
         self.score_pool4 = score_layer(self.backbone.out_channels["pool4"], num_classes)
-        self.upscore_pool4 = upsampler(num_classes, 2, upsample)
+        self.upscore_pool4 = upsampler(num_classes, 2, upsample, padded=padded)
         self.score_pool3 = score_layer(self.backbone.out_channels["pool3"], num_classes)
-        self.upscore8 = upsampler(num_classes, 8, upsample)
+        self.upscore8 = upsampler(num_classes, 8, upsample, padded=padded)
 
         grids = self.backbone.grids
         upscore2 = grids["fc7"].after(self.upscore2)
-        upscore_pool4 = upscore2.after(self.upscore_pool4)
-        upscore8 = upscore_pool4.after(self.upscore8)
-        self.crop_offsets = {
-            # pool4 (stride 16) starts 5 pixels before upscore2 (6 with interp)
-            "score_pool4": grids["pool4"].offset_onto(upscore2),
-            # pool3 (stride 8) starts 9 pixels before upscore_pool4 (12 with interp)
-            "score_pool3": grids["pool3"].offset_onto(upscore_pool4),
-            # upscore8 pixel 31 lies on input pixel 0 (3 with interp)
-            "upscore8": upscore8.offset_onto(INPUT_GRID),
-        }
+        # paper: pool4 (stride 16) starts 5 pixels before upscore2 (6 with interp), so
+        # score_pool4 is cropped; same: upscore2 is cropped (by 0) to score_pool4
+        self.crop_offsets = fusion_crop("upscore2", upscore2, "score_pool4", grids["pool4"])
+        fuse_pool4 = upscore2 if "score_pool4" in self.crop_offsets else grids["pool4"]
+        upscore_pool4 = fuse_pool4.after(self.upscore_pool4)
+        # paper: pool3 (stride 8) starts 9 pixels before upscore_pool4 (12 with interp)
+        self.crop_offsets |= fusion_crop(
+            "upscore_pool4", upscore_pool4, "score_pool3", grids["pool3"]
+        )
+        fuse_pool3 = upscore_pool4 if "score_pool3" in self.crop_offsets else grids["pool3"]
+        # upscore8 pixel 31 lies on input pixel 0 (3 with interp, 0 with "same")
+        self.crop_offsets["upscore8"] = fuse_pool3.after(self.upscore8).offset_onto(INPUT_GRID)
 
     def forward(self, x: Tensor) -> Tensor:
         pool3, pool4, fc7 = self.backbone(x)
@@ -172,12 +216,14 @@ class FCN8s(nn.Module):
             pool4 = pool4 * self.scale_pool4
         if self.scale_pool3 != 1.0:
             pool3 = pool3 * self.scale_pool3
+        offsets = self.crop_offsets
         upscore2 = self.upscore2(self.score_fr(fc7))
-        score_pool4 = crop(self.score_pool4(pool4), self.crop_offsets["score_pool4"], upscore2)
-        upscore_pool4 = self.upscore_pool4(upscore2 + score_pool4)  # fuse_pool4, upsampled
-        score_pool3 = crop(self.score_pool3(pool3), self.crop_offsets["score_pool3"], upscore_pool4)
-        upscore8 = self.upscore8(upscore_pool4 + score_pool3)  # fuse_pool3, upsampled
-        return crop(upscore8, self.crop_offsets["upscore8"], x)
+        fuse_pool4 = fuse(upscore2, self.score_pool4(pool4), offsets, "upscore2", "score_pool4")
+        upscore_pool4 = self.upscore_pool4(fuse_pool4)
+        score_pool3 = self.score_pool3(pool3)
+        fuse_pool3 = fuse(upscore_pool4, score_pool3, offsets, "upscore_pool4", "score_pool3")
+        upscore8 = self.upscore8(fuse_pool3)
+        return crop(upscore8, offsets["upscore8"], x)
 
 
 def _check_choice(what: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -199,6 +245,8 @@ def build_fcn(
     width: float = 1.0,
     upsample: str = "frozen",
     pretrained: str | os.PathLike[str] | None = None,
+    geometry: str = "paper",
+    norm: str = "none",
 ) -> nn.Module:
     """Build an FCN: ``variant`` in ``fcn32s``, ``fcn16s``, ``fcn8s``, ``fcn8s_atonce``.
 
@@ -211,12 +259,22 @@ def build_fcn(
     of a torchvision VGG16 state dict to start the backbone from (width 1.0 only);
     without it the backbone is He-initialised. Score layers always start at zero.
 
-    Raises ValueError for an unknown variant, backbone or upsample mode, num_classes < 1,
-    width <= 0, or a pretrained file that does not fit.
+    ``geometry`` (:data:`GEOMETRIES`) is ``paper`` (conv1_1 padded by 100, the reference's
+    crops) or ``same`` (no extra padding: every map covers the input with ceil(H / s)
+    pixels; a departure from the paper, much cheaper on small images). ``norm``
+    (:data:`NORMS`) is ``none`` (the paper) or ``batch`` (BatchNorm after every backbone
+    convolution; not with ``pretrained``, whose VGG16 has none). The model also has the
+    attributes ``num_classes``, ``width``, ``upsample``, ``geometry`` and ``norm``.
+
+    Raises ValueError for an unknown variant, backbone, upsample mode, geometry or norm,
+    num_classes < 1, width <= 0, pretrained with norm="batch", or a pretrained file that
+    does not fit.
     """
     _check_choice("FCN variant", variant, VARIANTS)
     _check_choice("backbone", backbone, BACKBONES)
     _check_choice("upsample mode", upsample, UPSAMPLE_MODES)
+    _check_choice("geometry", geometry, GEOMETRIES)
+    _check_choice("norm", norm, NORMS)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if (
@@ -230,13 +288,20 @@ def build_fcn(
         raise ValueError(
             f"pretrained VGG16 weights {os.fspath(pretrained)!r} need width=1.0, got width={width}"
         )
+    if pretrained is not None and norm != "none":
+        # VGG16's features were learned without normalisation: a BatchNorm that starts as
+        # an identity in eval mode still rescales them by batch statistics in training
+        raise ValueError(
+            f"pretrained VGG16 weights {os.fspath(pretrained)!r} have no BatchNorm layers: "
+            f"use norm='none' with pretrained, or no pretrained with norm={norm!r}"
+        )
 
     if pretrained is None:
-        backbone = VGG16Backbone(width)
+        backbone = VGG16Backbone(width, geometry, norm)
     else:
         vgg16 = read_torchvision_vgg16(pretrained)  # checked before any time goes into a model
         with torch.device("meta"):  # no random initialisation only to be overwritten
-            backbone = VGG16Backbone(width)
+            backbone = VGG16Backbone(width, geometry, norm)
         backbone.to_empty(device="cpu")
         backbone.load_state_dict(vgg16)
 
@@ -252,20 +317,29 @@ def init_from_coarser(model: nn.Module, coarser_state_dict: Mapping[str, Tensor]
     and FCN-8s from FCN-16s (section 4.2).
 
     Copies every parameter and buffer of ``coarser_state_dict`` whose name and shape match
-    one of ``model``'s (the backbone, score_fr, and whatever skip and upsampling layers the
-    two share); the rest of ``model`` keeps its initialisation, so new skip layers stay at
-    zero and the finer net starts out predicting what the coarser one did. Keys of the
-    coarser net that ``model`` lacks (e.g. FCN-32s's ``upscore``) are ignored.
+    one of ``model``'s (the backbone, BatchNorm running statistics included, score_fr, and
+    whatever skip and upsampling layers the two share); the rest of ``model`` keeps its
+    initialisation, so new skip layers stay at zero and the finer net starts out predicting
+    what the coarser one did. Keys of the coarser net that ``model`` lacks outside the
+    backbone (e.g. FCN-32s's ``upscore``) are ignored. The geometry leaves no trace in a
+    state dict: the caller must build ``model`` with the coarser net's.
 
-    Raises ValueError naming the key if the coarser state dict lacks a backbone or score_fr
-    entry, or if a shared entry has another shape (another num_classes or width).
-    Returns ``model``.
+    Raises ValueError naming the key if either state dict has a backbone entry the other
+    lacks (another backbone or norm), if the coarser one lacks score_fr, or if a shared
+    entry has another shape (another num_classes or width). Returns ``model``.
     """
     ours = model.state_dict()
+    for key in coarser_state_dict:
+        if key.startswith("backbone.") and key not in ours:
+            raise ValueError(
+                f"coarser state dict has {key!r}, which this model lacks: another norm?"
+            )
     for key, tensor in ours.items():
         if key not in coarser_state_dict:
             if key.startswith(("backbone.", "score_fr.")):
-                raise ValueError(f"coarser state dict has no {key!r}: not an FCN of this backbone")
+                raise ValueError(
+                    f"coarser state dict has no {key!r}: not an FCN of this backbone and norm"
+                )
             continue
         theirs = coarser_state_dict[key]
         if theirs.shape != tensor.shape:
@@ -282,18 +356,33 @@ def init_from_coarser(model: nn.Module, coarser_state_dict: Mapping[str, Tensor]
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
     """Optimizer parameter groups as the reference trains FCN: weights at ``lr`` with
-    ``weight_decay``, biases at 2 ``lr`` without decay.
+    ``weight_decay``, biases at 2 ``lr`` without decay; with ``norm="batch"``, the
+    BatchNorm scales and shifts at ``lr`` without decay.
 
-    Only parameters with ``requires_grad`` are included (frozen upsampling kernels are
-    not); an empty group is left out. Each group also carries a ``name``
-    (``"weights"``/``"biases"``). Pass the result to e.g. ``torch.optim.SGD``.
+    (A BatchNorm scale and shift set the size and offset of normalised activations rather
+    than weighting inputs; leaving them undecayed is the common practice. The reference has
+    no BatchNorm, so its 2x rate for biases is not carried over to the shifts.) Only
+    parameters with ``requires_grad`` are included (frozen upsampling kernels are not); an
+    empty group is left out. Each group also carries a ``name`` (``"weights"``,
+    ``"biases"`` or ``"norm"``). Pass the result to e.g. ``torch.optim.SGD``.
     """
-    weights, biases = [], []
+    norm_parameters = {
+        id(parameter)
+        for module in model.modules()
+        if isinstance(module, nn.BatchNorm2d)
+        for parameter in module.parameters(recurse=False)
+    }
+    weights, biases, norms = [], [], []
     for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
+        if not parameter.requires_grad:
+            continue
+        if id(parameter) in norm_parameters:
+            norms.append(parameter)
+        else:
             (biases if name.endswith("bias") else weights).append(parameter)
     groups = [
         {"name": "weights", "params": weights, "lr": lr, "weight_decay": weight_decay},
         {"name": "biases", "params": biases, "lr": 2 * lr, "weight_decay": 0.0},
+        {"name": "norm", "params": norms, "lr": lr, "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]

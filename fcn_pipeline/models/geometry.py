@@ -4,6 +4,17 @@ FCN pads conv1_1 by 100 pixels so that every input size gives a large enough map
 then crops each map so that it lines up with the next one and, at the end, with the
 input. The crop offsets follow from the layers' kernel sizes, strides and paddings;
 this module derives them instead of hard-coding them.
+
+Two network geometries are offered (:data:`GEOMETRIES`):
+
+- ``paper``: the reference's. conv1_1 pads by 100, fc6 is a valid 7x7 convolution and the
+  upsampling layers are unpadded; the skips are cropped onto the upsampled maps (FCN-32s
+  19; FCN-16s 5, 27; FCN-8s 5, 9, 31).
+- ``same``: a departure from the paper. conv1_1 pads by 1 like every 3x3 convolution and
+  fc6 by 3, so a stride-s map has ceil(H / s) pixels, pixel i centred on the middle of
+  input block i; the transposed convolutions are padded by f/2 so that they make exactly
+  f h pixels. An upsampled coarse map then lies on its skip's grid but may be a pixel
+  longer (2 ceil(H / 32) >= ceil(H / 16)), so it is the upsampled map that is cropped.
 """
 
 from __future__ import annotations
@@ -14,6 +25,8 @@ from fractions import Fraction
 from torch import nn
 
 from fcn_pipeline.models.upsample import BilinearResize
+
+GEOMETRIES = ("paper", "same")
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,10 @@ class Grid:
                 self.step / f, self.origin + self.step * (Fraction(1, 2 * f) - Fraction(1, 2))
             )
         raise TypeError(f"no coordinate map for {type(layer).__name__}")
+
+    def cropped(self, offset: int) -> Grid:
+        """The grid of a map on this grid cropped from pixel ``offset`` onwards."""
+        return Grid(self.step, self.origin + self.step * offset)
 
     def offset_onto(self, target: Grid) -> int:
         """The index, in a map on this grid, of the pixel that lies on ``target``'s pixel 0.

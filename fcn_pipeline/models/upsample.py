@@ -13,6 +13,8 @@ public reference fixes all of them. Three modes are offered:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -84,10 +86,16 @@ class BilinearResize(nn.Module):
         return f"factor={self.factor}"
 
 
-def upsampler(channels: int, factor: int, mode: str) -> nn.Module:
-    """The upsampling layer of an FCN for ``mode`` in :data:`UPSAMPLE_MODES`."""
+def upsampler(channels: int, factor: int, mode: str, *, padded: bool = False) -> nn.Module:
+    """The upsampling layer of an FCN for ``mode`` in :data:`UPSAMPLE_MODES`.
+
+    ``padded=True`` (the ``same`` geometry) pads a transposed convolution by
+    ceil((f - 1) / 2), so that like the resize it makes f h pixels of an h-pixel map, on the
+    same points; the unpadded one (the paper's) makes f h + f and leaves the crop to the net.
+    """
     if mode == "interp":
         return BilinearResize(factor)
     if mode in ("learned", "frozen"):
-        return bilinear_deconv(channels, factor, trainable=mode == "learned")
+        padding = math.ceil((factor - 1) / 2) if padded else 0
+        return bilinear_deconv(channels, factor, trainable=mode == "learned", padding=padding)
     raise ValueError(f"unknown upsample mode {mode!r}; allowed: {', '.join(UPSAMPLE_MODES)}")

@@ -5,6 +5,10 @@ conv1_1 pads by 100 pixels, so that even a 1x1 input leaves a 1x1 map after fc6;
 round up (ceil mode), so that every map covers the whole input and can be cropped to line
 up with it; and the fully connected fc6/fc7 become a 7x7 and a 1x1 convolution
 ("convolutionalization"), each followed by ReLU and dropout.
+
+Two options depart from the paper (the defaults reproduce it): ``geometry="same"`` pads
+conv1_1 by 1 and fc6 by 3 instead (see :mod:`fcn_pipeline.models.geometry`), and
+``norm="batch"`` puts a BatchNorm2d between every convolution and its ReLU.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fcn_pipeline.models.geometry import Grid
+from fcn_pipeline.models.geometry import GEOMETRIES, Grid
 
 # VGG16 configuration "D": output channels of each 3x3 conv, "pool" for a 2x2 max-pool.
 VGG16_LAYERS: tuple[tuple[str, int | str], ...] = (
@@ -29,6 +33,7 @@ VGG16_LAYERS: tuple[tuple[str, int | str], ...] = (
 FC_CHANNELS = 4096  # fc6 and fc7 of VGG16
 FC6_KERNEL = 7  # pool5 of a 224x224 image is 7x7: fc6 looked at all of it
 CONV1_1_PADDING = 100  # lets any input size survive the five pools and fc6
+NORMS = ("none", "batch")  # no normalisation (the paper) or BatchNorm2d after every conv
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -41,26 +46,39 @@ class VGG16Backbone(nn.Module):
 
     ``forward`` maps a float (N, 3, H, W) image batch to ``(pool3, pool4, fc7)``, of shapes
     (N, 256w, h3, w3), (N, 512w, h4, w4) and (N, 4096w, h7, w7), each on the grid
-    :attr:`grids` gives (stride 8, 16 and 32 on the input).
+    :attr:`grids` gives (stride 8, 16 and 32 on the input). ``geometry`` is one of
+    :data:`GEOMETRIES` (``paper``: conv1_1 padded by 100, valid fc6; ``same``: conv1_1
+    padded by 1, fc6 by 3, so h_s = ceil(H / s)); ``norm`` one of :data:`NORMS`
+    (``batch``: a BatchNorm2d ``bn1_1`` ... ``bn5_3``, ``bn6``, ``bn7`` after each conv,
+    before its ReLU, and the convs lose their bias, which the norm's shift replaces).
     """
 
-    def __init__(self, width: float = 1.0):
+    def __init__(self, width: float = 1.0, geometry: str = "paper", norm: str = "none"):
         super().__init__()
-        self.width = width
+        for what, value, allowed in (("geometry", geometry, GEOMETRIES), ("norm", norm, NORMS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+        self.width, self.geometry, self.norm = width, geometry, norm
+        # a conv bias before BatchNorm is cancelled by its mean subtraction (zero gradient)
+        bias = norm == "none"
         in_channels = 3
         for name, spec in VGG16_LAYERS:
             if spec == "pool":
-                layer: nn.Module = nn.MaxPool2d(2, stride=2, ceil_mode=True)
-            else:
-                out_channels = scaled_channels(int(spec), width)
-                padding = CONV1_1_PADDING if name == "conv1_1" else 1
-                layer = nn.Conv2d(in_channels, out_channels, 3, padding=padding)
-                in_channels = out_channels
-            self.add_module(name, layer)
+                self.add_module(name, nn.MaxPool2d(2, stride=2, ceil_mode=True))
+                continue
+            out_channels = scaled_channels(int(spec), width)
+            padding = CONV1_1_PADDING if name == "conv1_1" and geometry == "paper" else 1
+            conv = nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=bias)
+            self.add_module(name, conv)
+            self._add_norm(name, out_channels)
+            in_channels = out_channels
         fc_channels = scaled_channels(FC_CHANNELS, width)
-        self.fc6 = nn.Conv2d(in_channels, fc_channels, FC6_KERNEL)
+        fc6_padding = 0 if geometry == "paper" else FC6_KERNEL // 2  # "same": keeps the size
+        self.fc6 = nn.Conv2d(in_channels, fc_channels, FC6_KERNEL, padding=fc6_padding, bias=bias)
+        self._add_norm("fc6", fc_channels)
         self.drop6 = nn.Dropout(0.5)
-        self.fc7 = nn.Conv2d(fc_channels, fc_channels, 1)
+        self.fc7 = nn.Conv2d(fc_channels, fc_channels, 1, bias=bias)
+        self._add_norm("fc7", fc_channels)
         self.drop7 = nn.Dropout(0.5)
         self.out_channels = {
             "pool3": self.conv3_3.out_channels,
@@ -70,15 +88,23 @@ class VGG16Backbone(nn.Module):
         self.grids = self._grids()
         self.reset_parameters()
 
+    def _add_norm(self, conv_name: str, channels: int) -> None:
+        if self.norm == "batch":
+            self.add_module(norm_name(conv_name), nn.BatchNorm2d(channels))
+
     def reset_parameters(self) -> None:
-        """He initialisation (fan-in, for ReLU) of every weight, zero biases.
+        """He initialisation (fan-in, for ReLU) of every weight, zero biases; BatchNorm
+        layers (if any) start as identities (scale 1, shift 0, running stats 0 and 1).
 
         Only used when no pretrained VGG16 is loaded, e.g. to train a narrow net on a CPU.
         """
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                module.reset_parameters()
 
     def _grids(self) -> dict[str, Grid]:
         grid, grids = Grid(), {}
@@ -88,16 +114,27 @@ class VGG16Backbone(nn.Module):
         grids["fc7"] = grid.after(self.fc6).after(self.fc7)
         return {name: grids[name] for name in ("pool3", "pool4", "fc7")}
 
+    def _conv_relu(self, name: str, x: Tensor) -> Tensor:
+        x = getattr(self, name)(x)
+        if self.norm == "batch":
+            x = getattr(self, norm_name(name))(x)
+        return F.relu(x, inplace=True)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         skips = {}
         for name, spec in VGG16_LAYERS:
-            layer = getattr(self, name)
-            x = layer(x) if spec == "pool" else F.relu(layer(x), inplace=True)
+            x = getattr(self, name)(x) if spec == "pool" else self._conv_relu(name, x)
             if name in ("pool3", "pool4"):
                 skips[name] = x
-        x = self.drop6(F.relu(self.fc6(x), inplace=True))
-        x = self.drop7(F.relu(self.fc7(x), inplace=True))
+        x = self.drop6(self._conv_relu("fc6", x))
+        x = self.drop7(self._conv_relu("fc7", x))
         return skips["pool3"], skips["pool4"], x
+
+
+def norm_name(conv_name: str) -> str:
+    """The name of the BatchNorm layer after convolution ``conv_name``: ``conv3_2`` ->
+    ``bn3_2``, ``fc6`` -> ``bn6``."""
+    return "bn" + conv_name.removeprefix("conv").removeprefix("fc")
 
 
 def torchvision_vgg16_keys() -> dict[str, str]:
