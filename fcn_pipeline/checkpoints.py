@@ -63,6 +63,8 @@ def model_record(model: nn.Module, class_names: list[str], **extra: Any) -> dict
         "backbone": "vgg16",
         "width": float(model.width),
         "upsample": model.upsample,
+        "geometry": model.geometry,
+        "norm": model.norm,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
@@ -82,6 +84,9 @@ def load_model(path: str | Path, class_names: list[str] | None = None) -> nn.Mod
             backbone=record["backbone"],
             width=float(record["width"]),
             upsample=record["upsample"],
+            # records written before these options existed are paper/none nets
+            geometry=record.get("geometry", "paper"),
+            norm=record.get("norm", "none"),
         )
         model.load_state_dict(record["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:

@@ -138,7 +138,11 @@ class PatchesParams(StrictModel):
 StagedVariant = Literal["fcn32s", "fcn16s", "fcn8s"]
 STAGED_VARIANTS: tuple[str, ...] = get_args(StagedVariant)
 TrainMode = Literal["full", "patch"]
+# The model choices of fcn_pipeline.models (UPSAMPLE_MODES, GEOMETRIES, NORMS), spelled
+# out here so that validating params does not import torch; a test keeps them equal.
 UpsampleMode = Literal["learned", "frozen", "interp"]
+Geometry = Literal["paper", "same"]
+Norm = Literal["none", "batch"]
 OptimizerName = Literal["sgd", "adam"]
 LrSchedule = Literal["poly", "fixed"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -158,6 +162,8 @@ class TrainParams(StrictModel):
     width: float = Field(0.0625, gt=0.0, le=1.0)  # channel multiplier; 1.0 = the paper's VGG16
     pretrained: str | None = None  # torchvision VGG16 state dict (width 1.0 only)
     upsample: UpsampleMode = "frozen"
+    geometry: Geometry = "paper"  # paper: conv1_1 padded by 100, crops; same: no padding
+    norm: Norm = "none"  # batch: BatchNorm after every backbone conv (not in the paper)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # after fc6 and fc7; 0.5 in the paper
     class_weighting: WeightScheme = "none"
     loss_sampling: float = Field(1.0, gt=0.0, le=1.0)  # p: share of coarse cells kept

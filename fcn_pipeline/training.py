@@ -112,11 +112,19 @@ def build_model(
         backbone=params.backbone,
         width=params.width,
         upsample=params.upsample,
+        geometry=params.geometry,
+        norm=params.norm,
         pretrained=params.pretrained if init_path is None else None,
     )
     model.backbone.drop6.p = model.backbone.drop7.p = params.dropout
     if init_path is not None:
         coarser = load_model(init_path, class_names)
+        if (coarser.geometry, coarser.norm) != (params.geometry, params.norm):
+            raise CheckpointError(
+                f"{init_path}: a {coarser.geometry}/{coarser.norm} net cannot start a "
+                f"train.geometry={params.geometry}, train.norm={params.norm} one; "
+                "retrain the coarser variant"
+            )
         try:
             init_from_coarser(model, coarser.state_dict())
         except ValueError as error:

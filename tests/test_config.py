@@ -79,3 +79,22 @@ def test_missing_and_malformed_files(tmp_path):
     listy.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_params(listy)
+
+
+def test_model_choices_of_the_schema_are_the_models_own():
+    from typing import get_args
+
+    from fcn_pipeline import config, models
+
+    assert set(get_args(config.UpsampleMode)) == set(models.UPSAMPLE_MODES)
+    assert set(get_args(config.Geometry)) == set(models.GEOMETRIES)
+    assert set(get_args(config.Norm)) == set(models.NORMS)
+
+
+@pytest.mark.parametrize(("key", "value"), [("train.geometry", "valid"), ("train.norm", "group")])
+def test_unknown_geometry_or_norm_is_refused_naming_the_key_and_choices(key, value):
+    with pytest.raises(
+        ConfigError,
+        match=rf"{key}: Input should be 'paper' or 'same'|{key}: Input should be 'none' or 'batch'",
+    ):
+        parse_params({}, overrides={key: value})

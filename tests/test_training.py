@@ -235,3 +235,15 @@ def test_hflip_mirrors_each_image_with_its_own_mask():
         assert torch.equal(flipped_masks[i], expected)
         assert mirrored[i] or torch.equal(flipped_images[i], images[i])
     assert 16 < sum(mirrored) < 48  # about half, drawn per image
+
+
+def test_same_geometry_with_batch_norm_trains_staged_and_reloads(tiny_data, tmp_path):
+    params = tiny_params(tiny_data, tmp_path, geometry="same", norm="batch", hflip=True)
+    for variant in ("fcn32s", "fcn16s", "fcn8s"):
+        result = train_variant(params, variant, 1)
+        model = load_model(result.model_path)
+        assert (model.geometry, model.norm) == ("same", "batch")
+        assert 0.0 <= result.history[-1]["val_mean_iu"] <= 1.0
+    # A paper-geometry FCN-16s cannot start from this same-geometry FCN-32s.
+    with pytest.raises(CheckpointError, match="retrain the coarser variant"):
+        train_variant(tiny_params(tiny_data, tmp_path), "fcn16s", 1)
