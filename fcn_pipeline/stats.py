@@ -25,8 +25,9 @@ training can switch scheme without re-running this stage (``K`` classes,
 - ``enet`` (Paszke et al. 2016): ``w_c = 1 / ln(1.02 + n_c / N)``;
 - ``none``: all ones.
 
-A class absent from train gets weight 0 in every computed scheme (it can never
-appear in a training target) and an :class:`AbsentClassWarning` naming it.
+A class absent from train gets weight 0 in every frequency-based scheme (it can
+never appear in a training target; ``none`` keeps its 1.0) and an
+:class:`AbsentClassWarning` naming it.
 """
 
 from __future__ import annotations
@@ -304,7 +305,7 @@ def all_class_weights(counts: SplitCounts, class_names: list[str]) -> dict[str, 
     for index in np.flatnonzero(~counts.present):
         warnings.warn(
             f"class {class_names[index]!r} (index {index}) has no labelled pixel in the "
-            f"{WEIGHTS_SPLIT} split; its weight is 0 in every weighting scheme",
+            f"{WEIGHTS_SPLIT} split; its weight is 0 in every scheme but 'none' (1.0)",
             AbsentClassWarning,
             stacklevel=2,
         )

@@ -43,9 +43,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from fcn_pipeline.atomic import atomic_file
 from fcn_pipeline.config import TrainParams, check_staged_variant
 from fcn_pipeline.data import SegmentationDataset, eval_loader, train_loader
-from fcn_pipeline.errors import CheckpointError, ConfigError, DatasetError, TrainingDivergedError
+from fcn_pipeline.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    OutputError,
+    TrainingDivergedError,
+    describe_os_error,
+)
 from fcn_pipeline.losses import loss_sampling_mask, segmentation_loss
 from fcn_pipeline.metrics import confusion_matrix, segmentation_scores
 from fcn_pipeline.models import build_fcn, init_from_coarser, parameter_groups
@@ -121,16 +129,13 @@ def load_file(path: str | Path, expected_format: str) -> dict[str, Any]:
 
 
 def save_file(path: str | Path, content: dict[str, Any]) -> None:
-    """``torch.save`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        torch.save(content, tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``torch.save`` through a temporary file and an atomic rename; raises
+    :class:`OutputError` naming ``path`` when it cannot be written."""
+    with atomic_file(path) as tmp:
+        try:
+            torch.save(content, tmp)
+        except RuntimeError as error:  # a full disk: "[enforce fail ...] unexpected pos"
+            raise OutputError(f"{path}: cannot write (disk full?): {error}") from error
 
 
 def model_record(model: nn.Module, class_names: list[str], **extra: Any) -> dict[str, Any]:
@@ -432,14 +437,21 @@ def train_variant(
         init_path = Path(params.out) / COARSER[net] / MODEL_FILE
     with deterministic(device, params.threads):
         seed_everything(params.seed)
-        model = build_fcn(
-            net,
-            num_classes,
-            backbone=params.backbone,
-            width=params.width,
-            upsample=params.upsample,
-            pretrained=params.pretrained if init_path is None else None,
-        )
+        pretrained = params.pretrained if init_path is None else None
+        try:
+            model = build_fcn(
+                net,
+                num_classes,
+                backbone=params.backbone,
+                width=params.width,
+                upsample=params.upsample,
+                pretrained=pretrained,
+            )
+        except (OSError, ValueError) as error:  # the schema checked all but the file's content
+            if pretrained is None:
+                raise
+            reason = describe_os_error(error, pretrained) if isinstance(error, OSError) else error
+            raise CheckpointError(f"train.pretrained: {reason}") from None
         model.backbone.drop6.p = model.backbone.drop7.p = params.dropout
         if init_path is not None:
             coarser = load_model(init_path, class_names)
