@@ -3,18 +3,109 @@
 Every stage writes into a temporary sibling of its output and renames it into
 place only when everything succeeded, so the previous good output survives any
 error or interruption.
+
+Temporary siblings are named ``.<name>.tmp-<pid>-<tag>`` (and ``.<name>.old-<pid>-<tag>``
+for the moment of the swap). A run killed outright (``kill -9``, power loss) cannot
+remove its own; the next write of the same output removes those whose process is gone.
+
+An operating-system error while writing (no space left, read-only file system,
+a file where a directory should be, no permission) becomes :class:`OutputError`
+naming the file and the cause.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
+
+from fcn_pipeline.errors import OutputError, describe_os_error, printable
+
+
+def _sibling(final: Path, kind: str) -> Path:
+    return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # OverflowError: no pid is that large
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale(final: str | os.PathLike) -> list[Path]:
+    """Delete the temporary siblings of ``final`` left by runs that are no longer alive.
+
+    Matches ``.<name>.tmp-<pid>[-<tag>]`` and ``.<name>.old-<pid>[-<tag>]`` whose process
+    is gone, and the pid-less ``.<name>.tmp-<hex tag>`` of earlier versions. Returns the
+    paths removed. A sibling of a live process (a concurrent run) is left alone. A run
+    killed in the middle of its swap leaves ``final`` renamed to ``.old-``: that one is
+    renamed back, not deleted.
+    """
+    final = Path(final)
+    pattern = re.compile(
+        rf"\.{re.escape(final.name)}\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)(?:-[0-9a-f]+)?|[0-9a-f]+)"
+    )
+    removed = []
+    try:
+        candidates = sorted(final.parent.iterdir())
+    except OSError:  # no parent yet: nothing to clean
+        return removed
+    for entry in candidates:
+        match = pattern.fullmatch(entry.name)
+        if not match or (match["pid"] and _process_alive(int(match["pid"]))):
+            continue
+        if match["kind"] == "old" and not final.exists() and not final.is_symlink():
+            entry.rename(final)  # the previous output, half-way through a swap
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+# Errors of a write that names no file (``write(2)`` itself): blamed on the output.
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+)
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an :class:`OSError` raised inside into :class:`OutputError` naming the file.
+
+    The message names the file the system call failed on, or ``path`` when the error
+    names one of ``path``'s temporary siblings (which the user never asked for) or
+    none but is a write error (no space left). Other unnamed errors (too many open
+    files, ...) pass unchanged: nothing says they concern ``path``.
+    """
+    path = Path(path)
+    try:
+        yield
+    except OSError as error:
+        hidden = re.compile(rf"(^|/)\.{re.escape(path.name)}\.(tmp|old)-")
+        named = error.filename
+        if isinstance(named, str | bytes | os.PathLike) and not hidden.search(printable(named)):
+            message = describe_os_error(error, path)
+        elif named is not None or error.errno in WRITE_ERRNOS:
+            message = f"{printable(path)}: cannot write: {error.strerror or error}"
+        else:
+            raise
+        raise OutputError(message) from error
 
 
 @contextmanager
@@ -22,40 +113,45 @@ def atomic_output_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``final`` on success.
 
     The temporary directory lives next to ``final`` (same file system, so the
-    rename is atomic). On an exception it is deleted and ``final`` is untouched.
+    rename is atomic). On an exception it is deleted and ``final`` is untouched;
+    an :class:`OSError` (from the caller's writes too) becomes :class:`OutputError`.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = final.parent / f".{final.name}.tmp-{tag}"
-    tmp.mkdir()
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(final)
+        tmp = _sibling(final, "tmp")
+        tmp.mkdir()
     try:
-        yield tmp
+        with writing(final):
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.parent / f".{final.name}.old-{tag}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
+    old = _sibling(final, "old")
+    with writing(final):
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(file)`` on a temporary sibling of ``path``, then rename it onto ``path``.
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
-    The file is flushed to disk before the rename; on any error the temporary
-    file is removed and ``path`` is untouched.
+    On an exception the temporary file is deleted and ``path`` is untouched; an
+    :class:`OSError` becomes :class:`OutputError` naming the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(path)
+    tmp = _sibling(path, "tmp")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        with writing(path):
+            yield tmp
+            tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -63,7 +159,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
-    atomic_write(path, lambda f: f.write(data))
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

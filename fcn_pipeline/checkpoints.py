@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcn_pipeline.atomic import atomic_write
-from fcn_pipeline.errors import CheckpointError
+from fcn_pipeline.atomic import atomic_file
+from fcn_pipeline.errors import CheckpointError, OutputError
 from fcn_pipeline.models import build_fcn
 
 MODEL_FILE = "model.pt"
@@ -40,8 +40,13 @@ def load_file(path: str | Path, expected_format: str) -> dict[str, Any]:
 
 
 def save_file(path: str | Path, content: dict[str, Any]) -> None:
-    """``torch.save`` through a temporary file and an atomic rename."""
-    atomic_write(path, lambda f: torch.save(content, f))
+    """``torch.save`` through a temporary file and an atomic rename; raises
+    :class:`OutputError` naming ``path`` when it cannot be written."""
+    with atomic_file(path) as tmp:
+        try:
+            torch.save(content, tmp)
+        except RuntimeError as error:  # a full disk: "[enforce fail ...] unexpected pos"
+            raise OutputError(f"{path}: cannot write (disk full?): {error}") from error
 
 
 def file_sha256(path: Path) -> str:

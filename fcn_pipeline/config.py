@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fcn_pipeline.class_weights import SCHEMES
 from fcn_pipeline.errors import ConfigError
@@ -32,9 +32,10 @@ CentreSampling = Literal["per_class", "per_pixel"]
 
 
 class StrictModel(BaseModel):
-    """Unknown keys are errors, values are never silently coerced across types."""
+    """Unknown keys are errors, values are never silently coerced across types,
+    and no number is infinite or NaN (``.inf`` is no learning rate)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class SyntheticParams(StrictModel):
@@ -193,6 +194,15 @@ class EpochParams(StrictModel):
     fcn16s: int = Field(4, ge=0)
     fcn8s: int = Field(30, ge=0)
 
+    @model_validator(mode="after")
+    def _pretrained_needs_full_width(self) -> TrainParams:
+        if self.pretrained is not None and self.width != 1.0:
+            raise ValueError(
+                f"train.pretrained ({self.pretrained!r}) is the full VGG16 and needs "
+                f"train.width 1.0, got {self.width}"
+            )
+        return self
+
 
 class EvaluateParams(StrictModel):
     """The ``evaluate_<variant>`` stages: FCN metrics at native resolution."""
@@ -237,6 +247,9 @@ def _format_validation_error(source: str, error: ValidationError) -> str:
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif item["type"] == "value_error" and isinstance(item.get("input"), dict):
+            # A check across keys: its message names them; the whole section is noise.
+            lines.append(f"  {key}: {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

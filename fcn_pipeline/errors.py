@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class PipelineError(Exception):
     """Base class: the message names the file, key or value and what is wrong."""
@@ -21,7 +23,7 @@ class InvalidInputError(PipelineError):
     max_listed = 20
 
     def __init__(self, summary: str, problems: list[tuple[str, str]]):
-        self.problems = sorted(problems)
+        self.problems = sorted((printable(path), reason) for path, reason in problems)
         lines = [f"{summary}: {len(self.problems)} problem(s)"]
         lines += [f"  {path}: {reason}" for path, reason in self.problems[: self.max_listed]]
         if len(self.problems) > self.max_listed:
@@ -35,3 +37,34 @@ class CheckpointError(PipelineError):
 
 class TrainingDivergedError(PipelineError):
     """The training loss became NaN or infinite (the message names the step and lr)."""
+
+
+class OutputError(PipelineError):
+    """An output could not be written: no space left, read-only, not a directory, ..."""
+
+
+def printable(path: str | os.PathLike) -> str:
+    """``path`` as text that can always be printed and logged.
+
+    A file name that is not valid UTF-8 reaches Python as a string with lone
+    surrogates (``surrogateescape``); its undecodable bytes are shown as ``\\xNN``.
+    """
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a surrogate that no file name produces
+        raw = os.fspath(path).encode("utf-8", errors="backslashreplace")
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def describe_os_error(error: OSError, path: str | os.PathLike) -> str:
+    """``<file>: <cause>`` for an operating-system error met while working on ``path``.
+
+    Names the file the system call failed on when the error carries one (``mkdir``,
+    ``open``), else ``path``: a failed ``write`` (no space left) names no file.
+    """
+    named = isinstance(error.filename, str | bytes | os.PathLike)  # not a file descriptor
+    where = printable(error.filename if named else path)
+    reason = error.strerror or str(error) or type(error).__name__
+    if error.filename2 is not None:
+        reason += f" (-> {printable(error.filename2)})"
+    return f"{where}: {reason}"

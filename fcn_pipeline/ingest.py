@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from fcn_pipeline.atomic import atomic_output_dir, write_json
 from fcn_pipeline.errors import InvalidInputError
 from fcn_pipeline.parallel import map_shards
 from fcn_pipeline.sources import PairError, PairRef, Source, open_source
+from fcn_pipeline.sources.files import DECODE_ERRORS, decode_failure
 from fcn_pipeline.store import (
     IGNORE_INDEX,
     META_FILE,
@@ -74,8 +75,8 @@ def _decode_checked(path: str, data: bytes) -> tuple[int, int, bytes]:
             if data.startswith((PNG_MAGIC, JPEG_MAGIC)):
                 return height, width, data
             return height, width, encode_png(np.asarray(image.convert("RGB")))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise PairError(path, f"image does not decode ({error})") from None
+    except DECODE_ERRORS as error:
+        raise PairError(path, f"image does not decode: {decode_failure(data, error)}") from None
 
 
 def _encode_pair(source: Source, pair: PairRef, num_classes: int) -> dict:
@@ -130,6 +131,17 @@ def plan_shards(pairs: list[PairRef], shard_size: int) -> list[ShardJob]:
     return jobs
 
 
+def _undecodable_names(pairs: list[PairRef]) -> list[tuple[str, str]]:
+    """Pairs whose id (a file name) is not valid UTF-8: Parquet strings must be."""
+    problems = []
+    for pair in pairs:
+        try:
+            pair.id.encode("utf-8")
+        except UnicodeEncodeError:
+            problems.append((pair.image or pair.id, "file name is not valid UTF-8; rename it"))
+    return problems
+
+
 def _duplicate_ids(pairs: list[PairRef]) -> list[tuple[str, str]]:
     counts = Counter(p.id for p in pairs)
     return [
@@ -155,6 +167,11 @@ def ingest(
     source = open_source(params)
     listing = source.scan()
     problems = list(listing.problems) + _duplicate_ids(listing.pairs)
+    bad_names = _undecodable_names(listing.pairs)
+    if bad_names:  # such a pair cannot be stored: report it with the rest, do not encode it
+        problems += bad_names
+        named = {path for path, _ in bad_names}
+        listing.pairs = [p for p in listing.pairs if (p.image or p.id) not in named]
     jobs = plan_shards(listing.pairs, params.shard_size)
     num_classes = len(listing.class_names)
     shards: dict[str, list[ShardInfo]] = {}

@@ -53,7 +53,12 @@ from fcn_pipeline.checkpoints import (
 from fcn_pipeline.class_weights import load_class_weights
 from fcn_pipeline.config import TrainParams, check_staged_variant
 from fcn_pipeline.data import SegmentationDataset, eval_loader, train_loader
-from fcn_pipeline.errors import CheckpointError, DatasetError, TrainingDivergedError
+from fcn_pipeline.errors import (
+    CheckpointError,
+    DatasetError,
+    TrainingDivergedError,
+    describe_os_error,
+)
 from fcn_pipeline.losses import SegmentationCriterion
 from fcn_pipeline.metrics import segmentation_scores
 from fcn_pipeline.models import build_fcn, init_from_coarser, parameter_groups
@@ -106,16 +111,23 @@ def build_model(
 ) -> nn.Module:
     """``net`` from the backbone (He-initialised or ``train.pretrained``), or staged from
     the coarser variant's trained model at ``init_path``."""
-    model = build_fcn(
-        net,
-        len(class_names),
-        backbone=params.backbone,
-        width=params.width,
-        upsample=params.upsample,
-        geometry=params.geometry,
-        norm=params.norm,
-        pretrained=params.pretrained if init_path is None else None,
-    )
+    pretrained = params.pretrained if init_path is None else None
+    try:
+        model = build_fcn(
+            net,
+            len(class_names),
+            backbone=params.backbone,
+            width=params.width,
+            upsample=params.upsample,
+            geometry=params.geometry,
+            norm=params.norm,
+            pretrained=pretrained,
+        )
+    except (OSError, ValueError) as error:  # the schema checked all but the file's content
+        if pretrained is None:
+            raise
+        reason = describe_os_error(error, pretrained) if isinstance(error, OSError) else error
+        raise CheckpointError(f"train.pretrained: {reason}") from None
     model.backbone.drop6.p = model.backbone.drop7.p = params.dropout
     if init_path is not None:
         coarser = load_model(init_path, class_names)

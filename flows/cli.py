@@ -3,12 +3,19 @@
 Options default to ``params.yaml``; any option given on the command line
 overrides the matching key for this run only. Parameters are validated before
 any flow starts, so a bad key fails in well under a second.
+
+A failure, whatever its cause, ends in one line on stderr,
+``fcn-pipeline <stage>: error: <what, which file or key>``, and exit status 1
+(130 when interrupted). The traceback goes to the Prefect run's log, and to the
+terminal only with ``--debug`` or ``FCN_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -126,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--params", default="params.yaml", help="parameters file (default: %(default)s)"
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=os.environ.get("FCN_DEBUG", "") not in ("", "0"),
+        help="show tracebacks on failure (also FCN_DEBUG=1)",
+    )
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for add in (_add_ingest, _add_stats, _add_patches, _add_train, _add_evaluate):
         add(stages)
@@ -146,11 +159,28 @@ def main(argv: list[str] | None = None) -> int:
         load_params(args.params, overrides)  # fail fast, before Prefect starts
         if getattr(args, "variant", None) is not None:
             check_staged_variant(args.variant, name="--variant")
+        if not args.debug:
+            from flows.console import quiet_prefect_failures
+
+            quiet_prefect_failures()
         run(args, overrides)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted; the previous outputs are as they were", status=130)
     except PipelineError as error:
-        print(f"fcn-pipeline {args.stage}: error: {error}", file=sys.stderr)
-        return 1
+        return _fail(args, str(error))
+    except Exception as error:  # not foreseen: still one line, the traceback on request
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        hint = "" if args.debug else " (--debug or FCN_DEBUG=1 shows the traceback)"
+        return _fail(args, f"{type(error).__name__}: {first_line}{hint}")
     return 0
+
+
+def _fail(args: argparse.Namespace, message: str, status: int = 1) -> int:
+    """Print the stage's ``error:`` line (after the traceback with ``--debug``)."""
+    if args.debug:
+        traceback.print_exc()
+    print(f"fcn-pipeline {args.stage}: error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

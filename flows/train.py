@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from fcn_pipeline.atomic import atomic_output_dir
 from fcn_pipeline.config import TrainParams
 from flows.common import TASK_DEFAULTS, stage_params
 
@@ -23,10 +24,12 @@ def train_fcn(params: TrainParams, variant: str, epochs: int) -> dict[str, Any]:
 
     logger = get_run_logger()
     # dvcyaml=False: dvc.yaml declares the plots and metrics; save_dvc_exp=False: the
-    # run is a `dvc repro`/`dvc exp run` stage, not an experiment of its own.
-    with Live(
-        dir=f"{params.live}/{variant}", dvcyaml=False, save_dvc_exp=False, report=None
-    ) as live:
+    # run is a `dvc repro`/`dvc exp run` stage, not an experiment of its own. The curves
+    # are written aside and swapped in on success: a failed run keeps the previous ones.
+    with (
+        atomic_output_dir(f"{params.live}/{variant}") as live_dir,
+        Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live,
+    ):
 
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
             live.step = epoch
@@ -34,9 +37,7 @@ def train_fcn(params: TrainParams, variant: str, epochs: int) -> dict[str, Any]:
                 live.log_metric(name, value)
             live.next_step()
 
-        result = train_variant(
-            params, variant, epochs, on_epoch_end=on_epoch_end, log=logger.info
-        )
+        result = train_variant(params, variant, epochs, on_epoch_end=on_epoch_end, log=logger.info)
     final = result.history[-1] if result.history else {}
     logger.info(
         "%s: %d epochs (%d restored from the checkpoint), final val mean IU %s; wrote %s",

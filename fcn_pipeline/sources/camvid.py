@@ -41,7 +41,8 @@ class CamVidSource(Source):
                 problems.append((str(d), "directory missing"))
             if missing:
                 continue
-            images, masks = files_by_stem(image_dir), files_by_stem(mask_dir)
+            images = files_by_stem(image_dir, problems=problems)
+            masks = files_by_stem(mask_dir, problems=problems)
             for stem in sorted(images.keys() - masks.keys()):
                 problems.append((str(images[stem]), f"no mask in {mask_dir}"))
             for stem in sorted(masks.keys() - images.keys()):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fcn_pipeline.sources import Listing, PairRef, Source, color_map, stable_fraction
-from fcn_pipeline.sources.files import files_by_stem, read_bytes, read_index_mask
+from fcn_pipeline.sources.files import files_by_stem, read_bytes, read_index_mask, read_lines
 from fcn_pipeline.store import IGNORE_INDEX, SPLITS
 
 
@@ -31,7 +31,7 @@ class FolderSource(Source):
             return [], []
         names: list[str] = []
         colors: list[list[int] | None] = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(read_lines(path, problems), start=1):
             fields = line.split()
             if not fields:
                 continue
@@ -82,7 +82,7 @@ class FolderSource(Source):
             if not list_file.is_file():
                 continue
             declared.add(split)
-            for stem in (s.strip() for s in list_file.read_text().splitlines()):
+            for stem in (s.strip() for s in read_lines(list_file, problems)):
                 if not stem:
                     continue
                 if stem in assignment:
@@ -104,7 +104,8 @@ class FolderSource(Source):
                 problems.append((str(d), "directory missing"))
         if problems and not (image_dir.is_dir() and mask_dir.is_dir()):
             return Listing(names, colors, [], problems, {"format": self.format})
-        images, masks = files_by_stem(image_dir), files_by_stem(mask_dir, (".png",))
+        images = files_by_stem(image_dir, problems=problems)
+        masks = files_by_stem(mask_dir, (".png",), problems)
         for stem in sorted(images.keys() - masks.keys()):
             problems.append((str(images[stem]), f"no mask in {mask_dir}"))
         for stem in sorted(masks.keys() - images.keys()):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fcn_pipeline.sources import Listing, PairRef, Source, color_map
-from fcn_pipeline.sources.files import read_bytes, read_index_mask
+from fcn_pipeline.sources.files import read_bytes, read_index_mask, read_lines
 
 CLASS_NAMES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -38,7 +38,7 @@ class VOCSource(Source):
             if not list_file.is_file():
                 problems.append((str(list_file), "split list missing"))
                 continue
-            ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+            ids = [line.strip() for line in read_lines(list_file, problems) if line.strip()]
             if not ids:
                 problems.append((str(list_file), f"split {split!r} lists no images"))
             for image_id in ids:
