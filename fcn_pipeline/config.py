@@ -203,6 +203,31 @@ class EvaluateParams(StrictModel):
     threads: int = Field(0, ge=0, le=256)
 
 
+# Where the data stages run their shard calls (see flows/executor.py).
+ExecutorKind = Literal["processes", "dask"]
+
+
+class ExecutorParams(StrictModel):
+    """``executor``: where ingest, stats and patches run their per-shard work.
+
+    ``processes``: the local process pool, ``<stage>.workers`` processes.
+    ``dask``: one Prefect task per shard on a Dask cluster, the scheduler at
+    ``address`` or, when it is null, a LocalCluster of ``workers`` processes
+    started for the stage (``<stage>.workers`` is then unused).
+    """
+
+    kind: ExecutorKind = "processes"
+    address: str | None = None  # e.g. tcp://10.0.0.5:8786; null = start a LocalCluster
+    workers: int = Field(0, ge=0, le=256)  # LocalCluster worker processes; 0 = all cores
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c.isspace() for c in value)):
+            raise ValueError(f"expected a scheduler address like tcp://host:8786, got {value!r}")
+        return value
+
+
 class Params(StrictModel):
     """All of ``params.yaml``."""
 
@@ -211,6 +236,7 @@ class Params(StrictModel):
     patches: PatchesParams = Field(default_factory=PatchesParams)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    executor: ExecutorParams = Field(default_factory=ExecutorParams)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

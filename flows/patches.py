@@ -6,12 +6,15 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from fcn_pipeline.config import PatchesParams
+from fcn_pipeline.config import ExecutorParams, PatchesParams
 from flows.common import TASK_DEFAULTS, stage_params
+from flows.executor import shard_mapper
 
 
 @task(name="extract-patches", **TASK_DEFAULTS)
-def extract_train_patches(params: PatchesParams) -> dict[str, Any]:
+def extract_train_patches(
+    params: PatchesParams, executor: ExecutorParams | None = None
+) -> dict[str, Any]:
     """Cut the train-split patches of ``params.data`` into ``params.out``."""
     from fcn_pipeline.patches import extract_patches
 
@@ -21,6 +24,7 @@ def extract_train_patches(params: PatchesParams) -> dict[str, Any]:
         on_shard=lambda source, shard: logger.info(
             "cut %d patches from %d images of %s", shard.patches, shard.images, source.name
         ),
+        mapper=shard_mapper(executor or ExecutorParams()),
     )
     summary = result.summary
     logger.info(
@@ -49,5 +53,5 @@ def extract_train_patches(params: PatchesParams) -> dict[str, Any]:
 @flow(name="patches", log_prints=True)
 def patches_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Run the patches stage with ``params_file`` (``patches:`` section) and overrides."""
-    params = stage_params(params_file, overrides).patches
-    return extract_train_patches(params)
+    all_params = stage_params(params_file, overrides)
+    return extract_train_patches(all_params.patches, all_params.executor)
