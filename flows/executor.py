@@ -24,8 +24,10 @@ file system); that is checked before any shard is submitted.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -69,9 +71,21 @@ def cluster_options(executor: ExecutorParams, api_url: str) -> dict[str, Any]:
             "processes": True,
             "host": "127.0.0.1",
             "dashboard_address": "127.0.0.1:0",  # served only if bokeh is installed
-            "env": {"PREFECT_API_URL": api_url},
+            "env": {"PREFECT_API_URL": api_url, "DASK_LOGGING__DISTRIBUTED": "warning"},
         }
     }
+
+
+@contextmanager
+def quiet_distributed() -> Iterator[None]:
+    """Keep the scheduler's and nannies' start/stop chatter (INFO) out of the stage log."""
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_worker_directories(client: Any, address: str) -> None:
@@ -109,7 +123,7 @@ def map_shards_on_dask(
     logger = get_run_logger()
     api_url = run_api_url()
     name = function.__name__
-    with DaskTaskRunner(**cluster_options(executor, api_url)) as runner:
+    with quiet_distributed(), DaskTaskRunner(**cluster_options(executor, api_url)) as runner:
         client = runner.client  # connects, or starts the LocalCluster
         where = executor.address or client.scheduler.address
         check_worker_directories(client, where)
