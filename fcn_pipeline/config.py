@@ -184,6 +184,20 @@ class TrainParams(StrictModel):
     threads: int = Field(0, ge=0, le=256)  # torch CPU threads; 0 = torch's default
     seed: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _pretrained_needs_full_width(self) -> TrainParams:
+        if self.pretrained is not None and self.width != 1.0:
+            raise ValueError(
+                f"train.pretrained ({self.pretrained!r}) is the full VGG16 and needs "
+                f"train.width 1.0, got {self.width}"
+            )
+        if self.pretrained is not None and self.norm != "none":
+            raise ValueError(
+                f"train.pretrained ({self.pretrained!r}) is VGG16 without BatchNorm: it needs "
+                f"train.norm none, got {self.norm!r}"
+            )
+        return self
+
 
 class EpochParams(StrictModel):
     """Epochs of each train stage; its own group so that each stage reruns only when
@@ -193,15 +207,6 @@ class EpochParams(StrictModel):
     fcn32s: int = Field(4, ge=0)
     fcn16s: int = Field(4, ge=0)
     fcn8s: int = Field(30, ge=0)
-
-    @model_validator(mode="after")
-    def _pretrained_needs_full_width(self) -> TrainParams:
-        if self.pretrained is not None and self.width != 1.0:
-            raise ValueError(
-                f"train.pretrained ({self.pretrained!r}) is the full VGG16 and needs "
-                f"train.width 1.0, got {self.width}"
-            )
-        return self
 
 
 class EvaluateParams(StrictModel):
@@ -219,6 +224,31 @@ class EvaluateParams(StrictModel):
     threads: int = Field(0, ge=0, le=256)
 
 
+# Where the data stages run their shard calls (see flows/executor.py).
+ExecutorKind = Literal["processes", "dask"]
+
+
+class ExecutorParams(StrictModel):
+    """``executor``: where ingest, stats and patches run their per-shard work.
+
+    ``processes``: the local process pool, ``<stage>.workers`` processes.
+    ``dask``: one Prefect task per shard on a Dask cluster, the scheduler at
+    ``address`` or, when it is null, a LocalCluster of ``workers`` processes
+    started for the stage (``<stage>.workers`` is then unused).
+    """
+
+    kind: ExecutorKind = "processes"
+    address: str | None = None  # e.g. tcp://10.0.0.5:8786; null = start a LocalCluster
+    workers: int = Field(0, ge=0, le=256)  # LocalCluster worker processes; 0 = all cores
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c.isspace() for c in value)):
+            raise ValueError(f"expected a scheduler address like tcp://host:8786, got {value!r}")
+        return value
+
+
 class Params(StrictModel):
     """All of ``params.yaml``."""
 
@@ -228,6 +258,7 @@ class Params(StrictModel):
     train: TrainParams = Field(default_factory=TrainParams)
     epochs: EpochParams = Field(default_factory=EpochParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    executor: ExecutorParams = Field(default_factory=ExecutorParams)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

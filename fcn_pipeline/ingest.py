@@ -22,7 +22,7 @@ from PIL import Image
 
 from fcn_pipeline.atomic import atomic_output_dir, write_json
 from fcn_pipeline.errors import InvalidInputError
-from fcn_pipeline.parallel import map_shards
+from fcn_pipeline.parallel import ShardMapper, map_shards
 from fcn_pipeline.sources import PairError, PairRef, Source, open_source
 from fcn_pipeline.sources.files import DECODE_ERRORS, decode_failure
 from fcn_pipeline.store import (
@@ -156,9 +156,12 @@ def ingest(
     out: str | Path | None = None,
     *,
     on_shard: Callable[[ShardJob, int], None] | None = None,
+    mapper: ShardMapper = map_shards,
 ) -> IngestResult:
     """Read the dataset described by ``params`` and write it to ``out`` atomically.
 
+    ``mapper`` runs the shard calls (see :mod:`fcn_pipeline.parallel`); the
+    output does not depend on which one.
     Raises :class:`InvalidInputError` listing every offending file (and writes
     nothing) when any pair fails validation.
     """
@@ -177,7 +180,7 @@ def ingest(
     shards: dict[str, list[ShardInfo]] = {}
     with atomic_output_dir(out) as tmp:
         calls = [(source, job, num_classes, tmp) for job in jobs]
-        results = map_shards(ingest_shard, calls, params.workers)
+        results = mapper(ingest_shard, calls, params.workers)
         for job, (count, shard_problems) in zip(jobs, results, strict=True):
             problems += shard_problems
             shards.setdefault(job.split, []).append(ShardInfo(job.relpath, count))

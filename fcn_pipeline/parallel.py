@@ -2,7 +2,10 @@
 
 Every stage that touches shards (ingest, stats, patches) parallelises the same
 way: one task per shard, memory bounded by one shard per worker, results
-consumed in shard order so merges are deterministic.
+consumed in shard order so merges are deterministic. The stages take the
+mapping as an argument (a :data:`ShardMapper`, :func:`map_shards` by default),
+so a caller can run the same shard calls elsewhere (the flows run them on a
+Dask cluster) without the library knowing about it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+# ``mapper(function, calls, workers)`` yields ``function(*args)`` for each
+# ``args`` in ``calls``, in order; :func:`map_shards` is the default.
+ShardMapper = Callable[[Callable[..., Any], Sequence[tuple[Any, ...]], int], Iterator[Any]]
 
 
 def process_count(workers: int) -> int:

@@ -72,7 +72,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from fcn_pipeline.atomic import atomic_output_dir, write_json
 from fcn_pipeline.class_weights import WEIGHTS_SPLIT, load_class_weights
 from fcn_pipeline.errors import DatasetError
-from fcn_pipeline.parallel import map_shards
+from fcn_pipeline.parallel import ShardMapper, map_shards
 from fcn_pipeline.store import (
     IGNORE_INDEX,
     META_FILE,
@@ -377,12 +377,14 @@ def extract_patches(
     out: str | Path | None = None,
     *,
     on_shard: Callable[[Path, ShardPatches], None] | None = None,
+    mapper: ShardMapper = map_shards,
 ) -> PatchesResult:
     """Cut the patches of the train split of ``params.data`` into ``out`` atomically.
 
     Reads ``params.stats`` (always: it must describe the same dataset, and it
     names the rarest train class). ``on_shard(source_shard, result)`` is
-    called as each source shard is done. Raises :class:`DatasetError` naming
+    called as each source shard is done; ``mapper`` runs the shard calls (see
+    :mod:`fcn_pipeline.parallel`). Raises :class:`DatasetError` naming
     the path when the dataset or the statistics are missing or do not match.
     """
     start = time.perf_counter()
@@ -399,7 +401,7 @@ def extract_patches(
     merged = ShardPatches()
     with atomic_output_dir(out) as tmp:
         calls = [(source, i, settings, tmp) for i, source in enumerate(sources)]
-        results = map_shards(extract_shard, calls, params.workers)
+        results = mapper(extract_shard, calls, params.workers)
         for source, shard in zip(sources, results, strict=True):
             merged.shards += shard.shards
             merged.images += shard.images

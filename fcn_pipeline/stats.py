@@ -33,7 +33,7 @@ import numpy as np
 from fcn_pipeline.atomic import atomic_output_dir, write_json
 from fcn_pipeline.class_weights import SCHEMES, STATS_FILE, WEIGHTS_SPLIT, scheme_weights
 from fcn_pipeline.errors import DatasetError
-from fcn_pipeline.parallel import map_shards
+from fcn_pipeline.parallel import ShardMapper, map_shards
 from fcn_pipeline.store import (
     IGNORE_INDEX,
     DatasetMeta,
@@ -188,19 +188,21 @@ def count_classes(
     workers: int = 0,
     *,
     on_shard: Callable[[str, Path, int], None] | None = None,
+    mapper: ShardMapper = map_shards,
 ) -> DatasetCounts:
     """Count every split of the ingested dataset at ``data``, shards in parallel.
 
     ``workers``: processes (0 = all cores). ``on_shard(split, path, images)``
     is called as each shard is merged. Memory is bounded by one shard per
-    worker, whatever the dataset size.
+    worker, whatever the dataset size. ``mapper`` runs the shard calls (see
+    :mod:`fcn_pipeline.parallel`).
     """
     data = Path(data)
     meta = read_dataset_meta(data)
     jobs = [(split, path) for split in meta.splits for path in shard_paths(data, split, meta)]
     k = meta.num_classes
     totals = {split: SplitCounts.zeros(k) for split in meta.splits}
-    results = map_shards(count_shard, [(path, k) for _, path in jobs], workers)
+    results = mapper(count_shard, [(path, k) for _, path in jobs], workers)
     for (split, path), counts in zip(jobs, results, strict=True):
         totals[split] = totals[split] + counts
         if on_shard:

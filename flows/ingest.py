@@ -6,15 +6,16 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from fcn_pipeline.config import DataParams
+from fcn_pipeline.config import DataParams, ExecutorParams
 from flows.common import TASK_DEFAULTS, stage_params
+from flows.executor import shard_mapper
 
 # The params.yaml groups this stage reads; dvc.yaml declares the same.
-PARAMS = ("data",)
+PARAMS = ("data", "executor")
 
 
 @task(name="ingest-dataset", **TASK_DEFAULTS)
-def ingest_dataset(params: DataParams) -> dict[str, Any]:
+def ingest_dataset(params: DataParams, executor: ExecutorParams | None = None) -> dict[str, Any]:
     """Validate, encode and shard the source dataset into ``params.out``."""
     from fcn_pipeline.ingest import ingest
 
@@ -22,6 +23,7 @@ def ingest_dataset(params: DataParams) -> dict[str, Any]:
     result = ingest(
         params,
         on_shard=lambda job, rows: logger.info("wrote %s (%d images)", job.relpath, rows),
+        mapper=shard_mapper(executor or ExecutorParams()),
     )
     counts = {split: result.meta.split_images(split) for split in result.meta.splits}
     logger.info(
@@ -40,4 +42,4 @@ def ingest_dataset(params: DataParams) -> dict[str, Any]:
 def ingest_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Run the ingest stage with ``params_file`` (``data:`` section) and overrides."""
     params = stage_params(params_file, overrides, PARAMS)
-    return ingest_dataset(params.data)
+    return ingest_dataset(params.data, params.executor)

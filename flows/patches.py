@@ -6,15 +6,18 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from fcn_pipeline.config import PatchesParams
+from fcn_pipeline.config import ExecutorParams, PatchesParams
 from flows.common import TASK_DEFAULTS, stage_params
+from flows.executor import shard_mapper
 
 # The params.yaml groups this stage reads; dvc.yaml declares the same.
-PARAMS = ("patches",)
+PARAMS = ("patches", "executor")
 
 
 @task(name="extract-patches", **TASK_DEFAULTS)
-def extract_train_patches(params: PatchesParams) -> dict[str, Any]:
+def extract_train_patches(
+    params: PatchesParams, executor: ExecutorParams | None = None
+) -> dict[str, Any]:
     """Cut the train-split patches of ``params.data`` into ``params.out``."""
     from fcn_pipeline.patches import extract_patches
 
@@ -24,6 +27,7 @@ def extract_train_patches(params: PatchesParams) -> dict[str, Any]:
         on_shard=lambda source, shard: logger.info(
             "cut %d patches from %d images of %s", shard.patches, shard.images, source.name
         ),
+        mapper=shard_mapper(executor or ExecutorParams()),
     )
     summary = result.summary
     logger.info(
@@ -52,5 +56,5 @@ def extract_train_patches(params: PatchesParams) -> dict[str, Any]:
 @flow(name="patches", log_prints=True)
 def patches_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Run the patches stage with ``params_file`` (``patches:`` section) and overrides."""
-    params = stage_params(params_file, overrides, PARAMS).patches
-    return extract_train_patches(params)
+    params = stage_params(params_file, overrides, PARAMS)
+    return extract_train_patches(params.patches, params.executor)

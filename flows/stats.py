@@ -7,16 +7,19 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from fcn_pipeline.config import StatsParams
+from fcn_pipeline.config import ExecutorParams, StatsParams
 from fcn_pipeline.stats import DatasetCounts
 from flows.common import TASK_DEFAULTS, stage_params
+from flows.executor import shard_mapper
 
 # The params.yaml groups this stage reads; dvc.yaml declares the same.
-PARAMS = ("stats",)
+PARAMS = ("stats", "executor")
 
 
 @task(name="count-class-pixels", **TASK_DEFAULTS)
-def count_class_pixels(params: StatsParams) -> DatasetCounts:
+def count_class_pixels(
+    params: StatsParams, executor: ExecutorParams | None = None
+) -> DatasetCounts:
     """Count labelled pixels per class and split of ``params.data``, shards in parallel."""
     from fcn_pipeline.stats import count_classes
 
@@ -27,6 +30,7 @@ def count_class_pixels(params: StatsParams) -> DatasetCounts:
         on_shard=lambda split, path, images: logger.info(
             "counted %s/%s (%d images)", split, path.name, images
         ),
+        mapper=shard_mapper(executor or ExecutorParams()),
     )
     for split, split_counts in counts.splits.items():
         logger.info(
@@ -63,6 +67,6 @@ def write_class_weights(counts: DatasetCounts, out: str) -> dict[str, Any]:
 @flow(name="stats", log_prints=True)
 def stats_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Run the stats stage with ``params_file`` (``stats:`` section) and overrides."""
-    params = stage_params(params_file, overrides, PARAMS).stats
-    counts = count_class_pixels(params)
-    return write_class_weights(counts, params.out)
+    params = stage_params(params_file, overrides, PARAMS)
+    counts = count_class_pixels(params.stats, params.executor)
+    return write_class_weights(counts, params.stats.out)

@@ -123,8 +123,8 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
-def compute_stats(params, out):
+def compute_stats(params, out, **count_options):
     """The stats stage without Prefect: count ``params.data``, write ``out``."""
     from fcn_pipeline.stats import count_classes, write_stats
 
-    return write_stats(count_classes(params.data, params.workers), out)
+    return write_stats(count_classes(params.data, params.workers, **count_options), out)
