@@ -9,9 +9,9 @@
 # recorded and the next one runs; the exit status is non-zero if anything failed:
 #   setup      pick the Python that has the most of what is needed (FCN_PYTHON, .venv,
 #              python3.11, python3), print what is missing, and try to install it:
-#              from wheels (--wheels DIR, default .whl/ if present) into a venv that
-#              sees the system packages, or `scripts/bootstrap.sh` when .venv is absent
-#              and a package index answers
+#              from carried wheels (--wheels DIR, default .whl/ if present) into a
+#              scratch prefix (what that Python has is kept), or with
+#              `scripts/bootstrap.sh` when .venv is absent and a package index answers
 #   tests      pytest -m cuda tests/test_cuda.py (skipped, with the reason, on a CPU)
 #   benchmark  benchmarks/bench_gpu.py: FCN-8s train step, width 1.0, 375x500, batch 1
 #              and 8, bf16 + channels_last next to fp32 NCHW (CPU: tiny, fp32 NCHW vs
@@ -20,21 +20,27 @@
 #              (own git repo): CamVid (FCN_CAMVID_ROOT, ../shared/datasets/camvid,
 #              shared/datasets/camvid; else a synthetic set at CamVid's size), width
 #              1.0, He-initialised, on CUDA; prints each variant's data-wait share
-#              (dry run: the tiny synthetic pipeline on the CPU)
+#              (dry run: the tiny synthetic pipeline on the CPU, up to train_fcn32s)
 #
 # Every figure goes to one JSON file: --json PATH, else $OUT/gpu-check.json when $OUT
 # is set, else a new directory under ${TMPDIR:-/tmp}; each part's log lies beside it
 # (<name>-<part>.log).
 #
-# Options: --dry-run, --json PATH, --budget SECONDS (default 480; dry run 600),
+# Options: --dry-run, --json PATH, --budget SECONDS (default 480; dry run 660),
 #          --wheels DIR, --no-install, --camvid PATH, --keep (keep the scratch directory)
+#
+#   bash scripts/gpu-check.sh --fetch-wheels .whl
+# run where a package index answers, downloads into .whl/ (git-ignored; ~60 MB) the
+# wheels that a GPU machine's stock Python lacks (pydantic, dvc, dvclive, prefect and
+# their dependencies, for Python ${FCN_DEVICE_PYTHON:-3.12} on x86-64 Linux) and
+# exits; carry .whl along with the run.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo=$PWD
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
-mode=gpu json="" budget="" install=1 keep=0 camvid=""
+mode=gpu json="" budget="" install=1 keep=0 camvid="" fetch=""
 wheels=${FCN_WHEELS:-}
 [ -z "$wheels" ] && [ -d .whl ] && wheels=.whl
 while [ $# -gt 0 ]; do
@@ -46,17 +52,40 @@ while [ $# -gt 0 ]; do
     --no-install) install=0 ;;
     --camvid) camvid=${2:?--camvid needs a path}; shift ;;
     --keep) keep=1 ;;
+    --fetch-wheels) fetch=${2:?--fetch-wheels needs a directory}; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "gpu-check: unknown option '$1'" >&2; usage >&2; exit 2 ;;
   esac
   shift
 done
 
+fetch_wheels() {  # fetch_wheels DIR: what a GPU machine's stock Python lacks, as wheels
+  local dir=$1 here=${FCN_PYTHON:-$(command -v .venv/bin/python || command -v python3)}
+  local version=${FCN_DEVICE_PYTHON:-3.12} requirements
+  requirements=$("$here" scripts/gpu_check.py requirements pydantic dvc dvclive prefect) || exit 1
+  mkdir -p "$dir"
+  # hydra-core (under dvc) needs antlr4-python3-runtime 4.9, published as an sdist only:
+  # build its pure-Python wheel here.
+  # shellcheck disable=SC2086  # $requirements: one requirement per word
+  "$here" -m pip wheel --quiet --no-deps -w "$dir" 'antlr4-python3-runtime==4.9.*' &&
+    "$here" -m pip download --quiet --only-binary=:all: --python-version "$version" \
+      --implementation cp --abi "cp${version//./}" --platform manylinux_2_28_x86_64 \
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+      --find-links "$dir" -d "$dir" $requirements || exit 1
+  echo "gpu-check: $(find "$dir" -name '*.whl' | wc -l) wheels, $(du -sh "$dir" | cut -f1) in $dir;" \
+    "carry it to the GPU machine (the working tree may be 64 MiB in all)"
+}
+
+if [ -n "$fetch" ]; then
+  fetch_wheels "$fetch"
+  exit 0
+fi
+
 # Per-part time limits (seconds): a GPU run fits 8 minutes when the environment is there.
 if [ "$mode" = gpu ]; then
   budget=${budget:-480}; t_install=150; t_tests=90; t_bench=120; t_train=240
-else  # a busy 2-core CPU: seconds to a minute each
-  budget=${budget:-600}; t_install=150; t_tests=120; t_bench=120; t_train=240
+else  # a 2-core CPU: a minute or two in all when quiet, several when others share it
+  budget=${budget:-660}; t_install=150; t_tests=120; t_bench=120; t_train=300
 fi
 deadline=$((SECONDS + budget))
 
@@ -88,7 +117,7 @@ helper() { "$py" scripts/gpu_check.py "$@"; }
 choose_python() {  # sets py to the best candidate (empty if none runs)
   local best=-100000 seen="" candidate path score
   py=""
-  for candidate in "${FCN_PYTHON:-}" "$work/venv/bin/python" .venv/bin/python python3.11 python3 python; do
+  for candidate in "${FCN_PYTHON:-}" .venv/bin/python python3.11 python3 python; do
     [ -n "$candidate" ] || continue
     path=$(command -v "$candidate" 2>/dev/null) || continue
     case " $seen " in *" $path "*) continue ;; esac
@@ -110,12 +139,20 @@ install_missing() {  # try to provide what $py lacks; appends to setup_log
   [ -n "$missing" ] || return 0
   if [ "$install" = 0 ]; then echo "setup: --no-install: not installing $missing"; return 0; fi
   if [ -n "$wheels" ]; then
-    echo "setup: installing $missing from wheels in $wheels (venv with system packages)"
-    timeout "$t_install" bash -c '
-      "$1" -m venv --system-site-packages "$2/venv" &&
-      "$2/venv/bin/python" -m pip install --quiet --no-index --find-links "$3" ${4}' _ \
-      "$py" "$work" "$wheels" "$missing" >>"$setup_log" 2>&1 \
-      || echo "setup: installing from $wheels failed (see $setup_log)"
+    # --prefix (unlike --target) keeps what $py already has and adds only what lacks.
+    echo "setup: installing $missing from the wheels in $wheels into a scratch prefix"
+    # shellcheck disable=SC2086  # $missing: one requirement per word
+    if timeout "$t_install" "$py" -m pip install --quiet --no-index --find-links "$wheels" \
+      --prefix "$work/prefix" $missing >>"$setup_log" 2>&1; then
+      PYTHONPATH="$("$py" -c 'import sys, sysconfig
+paths = {sysconfig.get_path(k, vars={"base": sys.argv[1], "platbase": sys.argv[1]})
+         for k in ("purelib", "platlib")}
+print(":".join(sorted(paths)))' "$work/prefix"):$PYTHONPATH"
+      export PYTHONPATH
+    else
+      echo "setup: installing from $wheels failed (see $setup_log)"
+    fi
+    return 0
   elif [ ! -d .venv ] && index_answers; then
     echo "setup: no .venv; a package index answers: scripts/bootstrap.sh (pinned versions)"
     timeout "$t_install" bash -c 'source scripts/bootstrap.sh' >>"$setup_log" 2>&1 \
@@ -144,6 +181,8 @@ print(f"setup: {info['python']} (Python {info['python_version']}), torch {info['
       f"(pinned {info['torch_pinned']}), CUDA {'yes: ' + info['device_name'] if info['cuda_available'] else 'no'}")
 for part, missing in info["missing"].items():
     print(f"setup: {part}: " + ("ready" if not missing else "MISSING " + " ".join(missing)))
+if not info["torch"]:
+    print("setup: no torch in this Python: set FCN_PYTHON to one that has it (never installed here)")
 EOF
 
 # --- the parts ------------------------------------------------------------------------------

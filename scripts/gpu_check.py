@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -105,9 +106,15 @@ def fitness(info: dict[str, Any], mode: str) -> int:
 
 
 def distributions(modules: list[str]) -> list[str]:
-    """pip names of import names (``PIL`` is ``pillow``, ...)."""
-    names = {"PIL": "pillow", "skimage": "scikit-image", "yaml": "pyyaml"}
-    return [names.get(module, module) for module in modules]
+    """pip requirements (with pyproject.toml's version ranges) of import names, torch and
+    torchvision left out: several GB, never carried as wheels."""
+    names = {"PIL": "pillow", "skimage": "scikit-image", "yaml": "pyyaml", "pytest": "pytest"}
+    with open(REPO / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    listed = project["dependencies"] + project["optional-dependencies"]["dev"]
+    ranges = {re.split(r"[<>=!~ ]", spec, maxsplit=1)[0].lower(): spec for spec in listed}
+    wanted = [names.get(module, module).lower() for module in modules]
+    return [ranges.get(name, name) for name in wanted if name not in ("torch", "torchvision")]
 
 
 # --- part 3: a short dvc exp run ---------------------------------------------------------
@@ -395,7 +402,9 @@ def merge(args: argparse.Namespace) -> int:
 def print_summary(report: dict[str, Any], path: Path) -> None:
     print(f"\n== gpu-check ({report['mode']}) summary: {path}")
     for part, record in report["parts"].items():
-        detail = f" ({record.get('seconds', '?')} s of {record.get('limit_s', '?')} s)"
+        detail = ""
+        if record.get("seconds") is not None:
+            detail = f" ({record['seconds']:.0f} s of {record['limit_s']:.0f} s)"
         print(f"   {part:<10} {record['status']}{detail} {record.get('reason', '')}")
     counts = report["parts"]["tests"].get("counts")
     if counts:
@@ -433,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     missing.add_argument("--env", required=True, help="the probe's JSON")
     missing.add_argument("--part", choices=PARTS, help="only this part's (default: all)")
     missing.add_argument("--pip-names", action="store_true", help="as pip distributions")
+    requirements = sub.add_parser("requirements", help="pip requirements of import names")
+    requirements.add_argument("modules", nargs="+")
     record = sub.add_parser("record", help="write one part's status JSON")
     record.add_argument("--out", required=True)
     record.add_argument("--status", required=True)
@@ -454,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             every = sorted({name for names in info["missing"].values() for name in names})
             print(" ".join(distributions(every) if args.pip_names else every))
+        return 0
+    if args.command == "requirements":
+        print("\n".join(distributions(args.modules)))
         return 0
     if args.command == "record":
         record = {"status": args.status, "rc": args.rc, "seconds": args.seconds}
