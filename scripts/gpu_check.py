@@ -138,9 +138,16 @@ def copy_project(dest: Path) -> None:
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    git = ["git", "-c", "user.name=gpu-check", "-c", "user.email=gpu-check@localhost"]
-    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "gpu-check copy"]):
-        subprocess.run([*git, *command], cwd=dest, check=True)
+    # An identity in the copy itself: `dvc exp run` commits too, and a fresh machine
+    # has no global git identity.
+    for command in (
+        ["init", "-q"],
+        ["config", "user.name", "gpu-check"],
+        ["config", "user.email", "gpu-check@localhost"],
+        ["add", "-A"],
+        ["commit", "-q", "-m", "gpu-check copy"],
+    ):
+        subprocess.run(["git", *command], cwd=dest, check=True)
 
 
 def shims(bin_dir: Path) -> None:
@@ -232,16 +239,15 @@ def start_prefect_server(env: dict, log: Path, limit: float) -> subprocess.Popen
 
 
 def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM ``process``'s process group, SIGKILL it after 10 s."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    """SIGTERM ``process``'s process group (children that outlived it too), SIGKILL
+    whatever is left after 10 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def read_variants(project: Path) -> dict[str, Any]:
