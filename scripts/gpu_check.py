@@ -303,6 +303,10 @@ def run_exp(args: argparse.Namespace) -> int:
             stop_group(server)
     variants = read_variants(project)
     status = "passed" if rc == 0 else ("timeout" if rc == 124 else "failed")
+    stages = f"up to {', '.join(targets)}" if targets else "all"
+    if args.mode == "dry-run":
+        stages += " (a dry run: the whole pipeline takes minutes on a CPU)"
+    print(f"train: dvc exit {rc}; {dataset}; stages {stages}", flush=True)
     for variant, figures in variants.items():
         share = figures["data_wait_share"]
         print(
