@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 # The library API used here, in one place (training's device helpers may move).
 from fcn_pipeline.losses import segmentation_loss
 from fcn_pipeline.models import build_fcn, parameter_groups
-from fcn_pipeline.training import autocast, resolve_device
+from fcn_pipeline.runtime import autocast, resolve_device
 
 BASELINE = "fp32-nchw"
 CONFIGS = {  # name: (bf16 autocast, channels_last)

@@ -20,7 +20,7 @@
 #              (own git repo): CamVid (FCN_CAMVID_ROOT, ../shared/datasets/camvid,
 #              shared/datasets/camvid; else a synthetic set at CamVid's size), width
 #              1.0, He-initialised, on CUDA; prints each variant's data-wait share
-#              (dry run: the tiny synthetic pipeline on the CPU, up to train_fcn32s)
+#              (dry run: the tiny synthetic pipeline on the CPU, up to train@fcn32s)
 #
 # Every figure goes to one JSON file: --json PATH, else $OUT/gpu-check.json when $OUT
 # is set, else a new directory under ${TMPDIR:-/tmp}; each part's log lies beside it

@@ -169,7 +169,7 @@ def exp_overrides(mode: str, camvid: Path | None) -> tuple[list[str], str]:
             "data.synthetic.splits.test=2",
             "data.workers=1", "stats.workers=1", "patches.workers=1",
             "patches.patches_per_image=2", "train.width=0.03125", "train.batch_size=2",
-            "train.epochs.fcn32s=1", "train.epochs.fcn16s=1", "train.epochs.fcn8s=1",
+            "epochs.fcn32s=1", "epochs.fcn16s=1", "epochs.fcn8s=1",
             "train.workers=0", "train.device=cpu", "evaluate.device=cpu",
             "evaluate.workers=0", "evaluate.overlays=1",
         ]  # fmt: skip
@@ -177,7 +177,7 @@ def exp_overrides(mode: str, camvid: Path | None) -> tuple[list[str], str]:
     settings = [
         "train.width=1.0", "train.device=cuda", "evaluate.device=cuda",
         "train.optimizer=adam", "train.lr=0.0001", "train.batch_size=4",
-        "train.epochs.fcn32s=3", "train.epochs.fcn16s=2", "train.epochs.fcn8s=3",
+        "epochs.fcn32s=3", "epochs.fcn16s=2", "epochs.fcn8s=3",
         "train.workers=6", "train.eval_batch_size=8", "evaluate.batch_size=8",
         "evaluate.workers=4", "data.workers=0", "stats.workers=0", "patches.workers=0",
     ]  # fmt: skip
@@ -284,7 +284,7 @@ def run_exp(args: argparse.Namespace) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project), env.get("PYTHONPATH")]))
     env.update(CI="1", DVC_NO_ANALYTICS="1", PREFECT_HOME=str(Path(args.work) / "prefect-home"))
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # if no server below
-    targets = args.target or ([] if args.mode == "gpu" else ["train_fcn32s"])
+    targets = args.target or ([] if args.mode == "gpu" else ["train@fcn32s"])
     command = ["dvc", "exp", "run", *(arg for s in settings for arg in ("-S", s)), *targets]
     print(f"train: {dataset}; {' '.join(command)}", flush=True)
     if targets:
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument(
         "--target",
         action="append",
-        help="stage to reproduce (repeatable); default: all on a GPU, train_fcn32s in a dry run",
+        help="stage to reproduce (repeatable); default: all on a GPU, train@fcn32s in a dry run",
     )
     missing = sub.add_parser("missing", help="modules a probe found missing")
     missing.add_argument("--env", required=True, help="the probe's JSON")

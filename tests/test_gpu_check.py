@@ -70,7 +70,7 @@ def test_dry_run_passes_and_writes_every_figure(tmp_path):
     assert cases[(2, "fp32-cl")]["flops_per_step"] == 2 * cases[(1, "fp32-cl")]["flops_per_step"]
 
     train = report["parts"]["train"]["results"]
-    assert train["dvc_rc"] == 0 and train["targets"] == ["train_fcn32s"]
+    assert train["dvc_rc"] == 0 and train["targets"] == ["train@fcn32s"]
     fcn32s = train["variants"]["fcn32s"]
     assert 0.0 <= fcn32s["data_wait_share"] <= 1.0 and fcn32s["images_per_second"] > 0
     assert fcn32s["epochs"] == 1
