@@ -44,7 +44,7 @@ class SyntheticParams(StrictModel):
     seed: int = 0
     height: int = Field(96, ge=32, le=4096)
     width: int = Field(128, ge=32, le=4096)
-    splits: dict[Split, int] = Field(default_factory=lambda: {"train": 240, "val": 40, "test": 80})
+    splits: dict[Split, int] = Field(default_factory=lambda: {"train": 960, "val": 40, "test": 80})
     classes: list[SyntheticClass] = Field(
         default_factory=lambda: ["background", "bus", "disc", "triangle", "checker", "pole"]
     )
@@ -160,23 +160,23 @@ class TrainParams(StrictModel):
     mode: TrainMode = "full"  # full: whole images; patch: the patches stage's patches
     at_once: bool = False  # train@fcn8s trains FCN-8s at once from the backbone
     backbone: Literal["vgg16"] = "vgg16"
-    width: float = Field(0.0625, gt=0.0, le=1.0)  # channel multiplier; 1.0 = the paper's VGG16
+    width: float = Field(0.125, gt=0.0, le=1.0)  # channel multiplier; 1.0 = the paper's VGG16
     pretrained: str | None = None  # torchvision VGG16 state dict (width 1.0 only)
     upsample: UpsampleMode = "frozen"
-    geometry: Geometry = "paper"  # paper: conv1_1 padded by 100, crops; same: no padding
-    norm: Norm = "none"  # batch: BatchNorm after every backbone conv (not in the paper)
+    geometry: Geometry = "same"  # paper: conv1_1 padded by 100, crops; same: no padding
+    norm: Norm = "batch"  # batch: BatchNorm after every backbone conv (not in the paper)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # after fc6 and fc7; 0.5 in the paper
     class_weighting: WeightScheme = "none"
     loss_sampling: float = Field(1.0, gt=0.0, le=1.0)  # p: share of coarse cells kept
     sampling_cell: int | None = Field(None, ge=1)  # None = the variant's output stride
     optimizer: OptimizerName = "adam"
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(3e-3, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
     weight_decay: float = Field(5e-4, ge=0.0)
     schedule: LrSchedule = "poly"
     poly_power: float = Field(0.9, gt=0.0)
     batch_size: int = Field(2, ge=1, le=4096)
-    hflip: bool = False  # mirror each training image (and mask) with probability 1/2
+    hflip: bool = True  # mirror each training image (and mask) with probability 1/2
     val_split: Split = "val"
     eval_batch_size: int = Field(16, ge=1, le=4096)
     device: DeviceName = "auto"
@@ -204,9 +204,9 @@ class EpochParams(StrictModel):
     its own count changes (``train@fcn8s`` reads ``fcn8s`` for the staged and the
     at-once FCN-8s alike)."""
 
-    fcn32s: int = Field(4, ge=0)
-    fcn16s: int = Field(4, ge=0)
-    fcn8s: int = Field(30, ge=0)
+    fcn32s: int = Field(2, ge=0)
+    fcn16s: int = Field(2, ge=0)
+    fcn8s: int = Field(12, ge=0)
 
 
 class EvaluateParams(StrictModel):
