@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, not at the top: the stages' spawned worker processes import
     # the console script's module (this one) and must not pay for pydantic.
     from fcn_pipeline.config import check_staged_variant, load_params
+    from flows.server import prefect_api
 
     args = build_parser().parse_args(argv)
     overrides = {
@@ -162,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         load_params(args.params, overrides)  # fail fast, before Prefect starts
         if getattr(args, "variant", None) is not None:
             check_staged_variant(args.variant, name="--variant")
-        run(args, overrides)
+        # With no Prefect API configured, a temporary server that dies with this
+        # process (Prefect's own would outlive a SIGKILL of the stage).
+        with prefect_api():
+            run(args, overrides)
     except PipelineError as error:
         print(f"fcn-pipeline {args.stage}: error: {error}", file=sys.stderr)
         return 1
