@@ -115,15 +115,15 @@ class TemporaryServer:
     start-up). Otherwise the server uses the configured Prefect home's database,
     as Prefect's own temporary server does (migrated once, then reused).
     ``start()`` launches it, ``wait_healthy()`` waits for ``/api/health``,
-    ``stop()`` ends its process group and deletes its temporary directory.
+    ``stop()`` ends its process group and deletes its temporary home.
     """
 
     def __init__(self, own_database: bool = True) -> None:
-        self.own_database = own_database
-        self.directory = Path(tempfile.mkdtemp(prefix="fcn-prefect-"))  # log (and home)
+        self.home = Path(tempfile.mkdtemp(prefix="fcn-prefect-")) if own_database else None
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self.log = self.directory / "server.log"
+        # Its output, quoted if it fails; unnamed, so nothing is left behind.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115  (closed by stop())
         self.process: subprocess.Popen[bytes] | None = None
 
     def environment(self) -> dict[str, str]:
@@ -137,9 +137,9 @@ class TemporaryServer:
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             DO_NOT_TRACK="1",
         )
-        if self.own_database:
-            env["PREFECT_HOME"] = str(self.directory)
-            database = f"sqlite+aiosqlite:///{self.directory}/prefect.db"
+        if self.home is not None:
+            env["PREFECT_HOME"] = str(self.home)
+            database = f"sqlite+aiosqlite:///{self.home}/prefect.db"
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database
         return env
 
@@ -149,16 +149,15 @@ class TemporaryServer:
             *(sys.executable, "-m", "prefect", "server", "start"),
             *("--host", "127.0.0.1", "--port", str(self.port), "--analytics-off"),
         ]
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.environment(),
-                start_new_session=True,  # its own process group, out of the terminal's Ctrl-C
-                preexec_fn=die_with_parent(),
-            )
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=self.environment(),
+            start_new_session=True,  # its own process group, out of the terminal's Ctrl-C
+            preexec_fn=die_with_parent(),
+        )
 
     def healthy(self) -> bool:
         """Whether ``/api/health`` answers 200 (no proxy: the server is local)."""
@@ -186,7 +185,7 @@ class TemporaryServer:
 
     def stop(self, grace: float = STOP_GRACE) -> None:
         """SIGTERM the server's process group, SIGKILL it after ``grace`` seconds
-        (and any process left in it), then delete the temporary directory."""
+        (and any process left in it), then delete its temporary home."""
         if self.process is not None:
             pid = self.process.pid
             if _exited(pid):  # it should not have: say why it stopped
@@ -199,13 +198,13 @@ class TemporaryServer:
             _signal_group(pid, signal.SIGKILL)
             self.process.wait()
             self.process = None
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self.log.close()
+        if self.home is not None:
+            shutil.rmtree(self.home, ignore_errors=True)
 
     def _log_tail(self, lines: int = 20) -> str:
-        try:
-            tail = self.log.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return ""
+        self.log.seek(0)
+        tail = self.log.read().decode(errors="replace").splitlines()[-lines:]
         return "; last lines of its log:\n" + "\n".join(tail) if tail else ""
 
 
