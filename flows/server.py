@@ -248,10 +248,26 @@ def prefect_api() -> Iterator[str]:
         server.wait_healthy(startup_timeout())
         os.environ["PREFECT_API_URL"] = server.api_url
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+            try:
+                yield server.api_url
+            finally:
+                send_pending_logs_and_events()
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def send_pending_logs_and_events(timeout: float = 30.0) -> None:
+    """Have Prefect's background workers send what they still hold to the API.
+
+    Left to themselves they do it at interpreter exit, after the server is gone,
+    and then retry for a minute or more.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
 
 
 class _Forward:

@@ -274,12 +274,37 @@ def test_sigkill_of_the_runner_takes_the_server_down(tmp_path):
         os.kill(seen["pid"], signal.SIGKILL)  # the command itself cannot be told
 
 
-@pytest.mark.slow
-def test_kill_9_of_a_stage_leaves_no_prefect_server(tmp_path):
+def tiny_stage(tmp_path: Path) -> list[str]:
+    """``fcn-pipeline ingest`` of a 12-image synthetic set, run in ``tmp_path``."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["synthetic"]["splits"] = {"train": 8, "val": 2, "test": 2}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    command = ["fcn-pipeline", "ingest", "--out", "ingested", "--workers", "1"]
+    return ["fcn-pipeline", "ingest", "--out", "ingested", "--workers", "1"]
+
+
+@pytest.mark.slow
+def test_a_stage_run_alone_sends_its_logs_before_stopping_its_server(tmp_path):
+    log = tmp_path / "stage.log"
+    with open(log, "w") as out:
+        stage = subprocess.Popen(tiny_stage(tmp_path), cwd=tmp_path, env=child_env(),
+                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        servers: list[int] = []
+        while stage.poll() is None:  # note its server while it runs
+            below = descendants(stage.pid)
+            servers += [pid for pid in below if port_arg(pid) and pid not in servers]
+            time.sleep(0.2)
+    stderr = log.read_text()
+    assert stage.returncode == 0, stderr
+    assert (tmp_path / "ingested" / "dataset.json").is_file()
+    assert "Finished in state Completed" in stderr
+    assert "Error logging to API" not in stderr  # logs sent while the server was up
+    assert len(servers) == 1
+    assert wait_gone(servers, 1) == []
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_stage_leaves_no_prefect_server(tmp_path):
+    command = tiny_stage(tmp_path)
     stage = subprocess.Popen(command, cwd=tmp_path, env=child_env(), start_new_session=True)
     try:
         deadline = time.monotonic() + STARTUP
