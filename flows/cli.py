@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, not at the top: the stages' spawned worker processes import
     # the console script's module (this one) and must not pay for pydantic.
     from fcn_pipeline.config import check_staged_variant, load_params
+    from flows.server import prefect_api
 
     args = build_parser().parse_args(argv)
     overrides = {
@@ -163,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             from flows.console import quiet_prefect_failures
 
             quiet_prefect_failures()
-        run(args, overrides)
+        # With no Prefect API configured, a temporary server that dies with this
+        # process (Prefect's own would outlive a SIGKILL of the stage).
+        with prefect_api():
+            run(args, overrides)
     except KeyboardInterrupt:
         return _fail(args, "interrupted; the previous outputs are as they were", status=130)
     except PipelineError as error:
