@@ -1,11 +1,11 @@
 """Data-parallel training across processes: the process group and its few collectives.
 
 A process learns its place from the environment that ``torchrun``
-(``torch.distributed.run``) or SLURM's ``srun`` sets: ``RANK``, ``WORLD_SIZE``
-and ``LOCAL_RANK`` (``SLURM_PROCID``, ``SLURM_NTASKS`` and ``SLURM_LOCALID``
-under ``srun``, with ``MASTER_ADDR``/``MASTER_PORT`` set by the job script).
-Without them the world is one process and every helper here is a no-op, so the
-single-process path is unchanged.
+(``torch.distributed.run``) sets: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT`` (under SLURM, ``srun`` starts one ``torchrun``
+per node, or a job script exports the same five names per task). Without them the
+world is one process and every helper here is a no-op, so the single-process path
+is unchanged.
 
 The backend is NCCL on CUDA and gloo on the CPU. Every collective waits at most
 ``train.dist_timeout_s`` seconds: a rank that dies leaves the others with an
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from fcn_pipeline.errors import ConfigError
 
 # Set by torchrun in every worker it starts; their absence means "not launched yet".
-LAUNCHED_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+LAUNCHED_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "WORLD_SIZE")
 # Test hook (documented in the README's test section): the rank named here exits
 # abruptly after its first training step, as a crashed or killed rank would.
 KILL_RANK_ENV = "FCN_TEST_KILL_RANK"
@@ -65,17 +65,18 @@ def _env_int(names: tuple[str, ...], default: int) -> int:
 
 
 def world_from_env() -> World:
-    """The world that the launcher (torchrun, srun) describes; one process without one."""
-    size = _env_int(("WORLD_SIZE", "SLURM_NTASKS"), 1)
-    rank = _env_int(("RANK", "SLURM_PROCID"), 0)
-    local_rank = _env_int(("LOCAL_RANK", "SLURM_LOCALID"), 0)
+    """The world that the launcher (torchrun) describes; one process without one."""
+    size = _env_int(("WORLD_SIZE",), 1)
+    rank = _env_int(("RANK",), 0)
+    local_rank = _env_int(("LOCAL_RANK",), 0)
     if size < 1 or not 0 <= rank < size:
         raise ConfigError(f"rank {rank} is outside a world of size {size} (RANK, WORLD_SIZE)")
     return World(rank, size, local_rank)
 
 
 def under_launcher() -> bool:
-    """Whether this process was started by torchrun (so it must not launch torchrun)."""
+    """Whether a launcher (torchrun, a job script) started this process as one rank of
+    several, so it must not launch torchrun itself."""
     return any(name in os.environ for name in LAUNCHED_ENV)
 
 
@@ -94,8 +95,6 @@ def process_group(device: torch.device, timeout_s: float) -> Iterator[World]:
         return
     if device.type == "cuda":
         torch.cuda.set_device(world.local_rank)
-    os.environ.setdefault("RANK", str(world.rank))  # srun sets only SLURM_* names
-    os.environ.setdefault("WORLD_SIZE", str(world.size))
     dist.init_process_group(
         backend_for(device),
         timeout=datetime.timedelta(seconds=timeout_s),
