@@ -20,7 +20,7 @@ from fcn_pipeline.config import TrainParams
 from fcn_pipeline.data import SegmentationDataset, eval_loader, train_loader
 from fcn_pipeline.distributed import process_group
 from fcn_pipeline.models import build_fcn
-from fcn_pipeline.training import evaluate
+from fcn_pipeline.training import evaluate, train_variant
 from tests.conftest import REPO, project_env
 
 
@@ -60,7 +60,7 @@ def test_validation_shares_cover_every_image_once(tiny_data):
 
 
 def test_global_batch_must_split_over_the_processes():
-    with pytest.raises(ValueError, match="train.batch_size .3. is the global batch"):
+    with pytest.raises(ValueError, match=r"train\.batch_size \(3\) is the global batch"):
         TrainParams(batch_size=3, nproc_per_node=2)
     with pytest.raises(ValueError, match="nnodes = 4 processes"):
         TrainParams(batch_size=6, nproc_per_node=2, nnodes=2)
@@ -188,3 +188,46 @@ def test_a_rank_that_dies_fails_the_stage_with_an_error_not_a_hang(tiny_data, tm
     assert "fcn-pipeline train: error: distributed training failed" in output
     assert time.monotonic() - start < 200
     assert not (tmp_path / "killed" / "models" / "fcn32s" / MODEL_FILE).exists()
+
+
+# --- resume under DDP ---------------------------------------------------------------
+
+
+def _tiny_train_params(tiny_data: Path, out: Path) -> TrainParams:
+    return TrainParams(
+        data=str(tiny_data / "ingested"), patches=str(tiny_data / "patches"),
+        stats=str(tiny_data / "stats"), out=str(out), width=0.03125, batch_size=4,
+        eval_batch_size=3, device="cpu", workers=0, threads=1, seed=3, dist_timeout_s=60,
+    )  # fmt: skip
+
+
+def _rank_resume(rank: int, port: int, tiny_data: Path, out: Path) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    result = train_variant(_tiny_train_params(tiny_data, out), "fcn32s", 2, log=lambda _: None)
+    torch.save({"resumed_from": result.resumed_from, "history": result.history}, out / f"r{rank}")
+
+
+class InterruptError(Exception):
+    pass
+
+
+def test_two_processes_resume_a_checkpoint(tiny_data, tmp_path):
+    reference = train_variant(_tiny_train_params(tiny_data, tmp_path / "ref"), "fcn32s", 2)
+
+    def stop(epoch: int, metrics: dict) -> None:
+        raise InterruptError
+
+    out = tmp_path / "run"
+    with pytest.raises(InterruptError):
+        train_variant(_tiny_train_params(tiny_data, out), "fcn32s", 2, on_epoch_end=stop)
+    mp.spawn(_rank_resume, args=(free_port(), tiny_data, out), nprocs=2)
+    ranks = [torch.load(out / f"r{r}", weights_only=True) for r in range(2)]
+    assert [r["resumed_from"] for r in ranks] == [1, 1]  # rank 1 got rank 0's checkpoint
+    resumed = ranks[0]["history"]
+    for key in ("train_loss", "val_mean_iu", "val_pixel_acc"):  # epoch 1 as saved
+        assert resumed[0][key] == reference.history[0][key]
+    assert resumed[1]["train_loss"] == pytest.approx(reference.history[1]["train_loss"], rel=1e-4)
+    assert (out / "fcn32s" / MODEL_FILE).is_file()
