@@ -300,14 +300,13 @@ def run_fingerprint(
     epochs: int,
     datasets: list[SegmentationDataset],
     init_path: Path | None,
+    world_size: int = 1,
 ) -> str:
     """What a resumable checkpoint must match: the params that shape training, the
-    net and its epochs, the data read (``dataset.json`` lists every shard) and the
-    initial model."""
-    # The process count is left out: N processes step on the same global batches as one,
-    # so a checkpoint resumes under another world size.
+    net and its epochs, the data read (``dataset.json`` lists every shard), the
+    initial model and the number of processes."""
     settings = params.model_dump(exclude={"out", "live", "workers", "device", "eval_batch_size"})
-    for key in DISTRIBUTED_KEYS:
+    for key in DISTRIBUTED_KEYS:  # how the processes meet: not what they compute
         settings.pop(key)
     parts = {
         "params": settings,
@@ -316,6 +315,8 @@ def run_fingerprint(
         "data": [(dataset.root / "dataset.json").read_text() for dataset in datasets],
         "init": file_sha256(init_path) if init_path else None,
     }
+    if world_size > 1:  # ranks draw their own dropout, flips and loss-sampling masks
+        parts["world_size"] = world_size
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -532,7 +533,7 @@ def _train(
         scheduler = build_scheduler(optimizer, params, data.steps_per_epoch * epochs)
 
         datasets = [data.train_set, data.val_set]
-        fingerprint = run_fingerprint(params, net, epochs, datasets, init_path)
+        fingerprint = run_fingerprint(params, net, epochs, datasets, init_path, world.size)
         checkpoint_path = out_dir / CHECKPOINT_FILE
         start_epoch, history = resume(
             checkpoint_path, fingerprint, model, optimizer, scheduler, log

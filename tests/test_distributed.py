@@ -15,7 +15,8 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from fcn_pipeline.checkpoints import MODEL_FILE
+import fcn_pipeline.training as training
+from fcn_pipeline.checkpoints import CHECKPOINT_FILE, MODEL_FILE
 from fcn_pipeline.config import TrainParams
 from fcn_pipeline.data import SegmentationDataset, eval_loader, train_loader
 from fcn_pipeline.distributed import process_group
@@ -201,12 +202,24 @@ def _tiny_train_params(tiny_data: Path, out: Path) -> TrainParams:
     )  # fmt: skip
 
 
-def _rank_resume(rank: int, port: int, tiny_data: Path, out: Path) -> None:
+def _rank_resume(rank: int, port: int, tiny_data: Path, out: Path, stop: bool) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
-    result = train_variant(_tiny_train_params(tiny_data, out), "fcn32s", 2, log=lambda _: None)
+    if stop:  # every rank stops after epoch 1 is saved, like an interrupted run
+        line = training.epoch_line
+
+        def stop_after_first(net: str, epoch: int, epochs: int, metrics: dict) -> str:
+            if epoch == 1:
+                raise InterruptError
+            return line(net, epoch, epochs, metrics)
+
+        training.epoch_line = stop_after_first
+    try:
+        result = train_variant(_tiny_train_params(tiny_data, out), "fcn32s", 2)
+    except InterruptError:
+        return
     torch.save({"resumed_from": result.resumed_from, "history": result.history}, out / f"r{rank}")
 
 
@@ -214,20 +227,60 @@ class InterruptError(Exception):
     pass
 
 
-def test_two_processes_resume_a_checkpoint(tiny_data, tmp_path):
-    reference = train_variant(_tiny_train_params(tiny_data, tmp_path / "ref"), "fcn32s", 2)
-
-    def stop(epoch: int, metrics: dict) -> None:
-        raise InterruptError
-
-    out = tmp_path / "run"
-    with pytest.raises(InterruptError):
-        train_variant(_tiny_train_params(tiny_data, out), "fcn32s", 2, on_epoch_end=stop)
-    mp.spawn(_rank_resume, args=(free_port(), tiny_data, out), nprocs=2)
+def test_two_processes_resume_their_checkpoint(tiny_data, tmp_path):
+    reference, out = tmp_path / "ref", tmp_path / "run"
+    mp.spawn(_rank_resume, args=(free_port(), tiny_data, reference, False), nprocs=2)
+    mp.spawn(_rank_resume, args=(free_port(), tiny_data, out, True), nprocs=2)
+    assert (out / "fcn32s" / CHECKPOINT_FILE).is_file()
+    assert not (out / "fcn32s" / MODEL_FILE).exists()
+    mp.spawn(_rank_resume, args=(free_port(), tiny_data, out, False), nprocs=2)
     ranks = [torch.load(out / f"r{r}", weights_only=True) for r in range(2)]
     assert [r["resumed_from"] for r in ranks] == [1, 1]  # rank 1 got rank 0's checkpoint
-    resumed = ranks[0]["history"]
-    for key in ("train_loss", "val_mean_iu", "val_pixel_acc"):  # epoch 1 as saved
-        assert resumed[0][key] == reference.history[0][key]
-    assert resumed[1]["train_loss"] == pytest.approx(reference.history[1]["train_loss"], rel=1e-4)
+    expected = torch.load(reference / "r0", weights_only=True)["history"]
+    for key in ("train_loss", "val_mean_iu", "val_pixel_acc"):
+        assert [h[key] for h in ranks[0]["history"]] == [h[key] for h in expected]
     assert (out / "fcn32s" / MODEL_FILE).is_file()
+
+
+def test_a_one_process_checkpoint_is_not_resumed_by_two(tiny_data, tmp_path):
+    train_variant(_tiny_train_params(tiny_data, tmp_path), "fcn32s", 2)
+    mp.spawn(_rank_resume, args=(free_port(), tiny_data, tmp_path, False), nprocs=2)
+    assert torch.load(tmp_path / "r0", weights_only=True)["resumed_from"] == 0
+
+
+# --- through DVC ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_with_two_processes_matches_dvc_repro(project_copy, env):
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["dvc", *args], cwd=project_copy, env=env, capture_output=True, text=True,
+            timeout=600,
+        )  # fmt: skip
+
+    params = yaml.safe_load((project_copy / "params.yaml").read_text())
+    splits = {"train": 8, "val": 3, "test": 2}
+    params["data"]["synthetic"].update(height=48, width=64, splits=splits)
+    params["data"]["workers"] = params["stats"]["workers"] = params["patches"]["workers"] = 1
+    params["train"].update(
+        width=0.03125, batch_size=4, eval_batch_size=2, workers=0, threads=1, device="cpu"
+    )
+    params["epochs"]["fcn32s"] = 1
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run = dvc("repro", "train@fcn32s")
+    assert run.returncode == 0, run.stdout + run.stderr
+    live = project_copy / "dvclive" / "fcn32s" / "metrics.json"
+    single = yaml.safe_load(live.read_text())
+    subprocess.run(["git", "add", "-A"], cwd=project_copy, check=True)
+    subprocess.run(["git", "commit", "-qm", "one process"], cwd=project_copy, check=True)
+
+    run = dvc("exp", "run", "train@fcn32s", "-S", "train.nproc_per_node=2")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "world size 2" in run.stdout + run.stderr
+    assert "another configuration; starting over" in run.stdout + run.stderr
+    double = yaml.safe_load(live.read_text())
+    assert double["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)
+    assert double["val_mean_iu"] == pytest.approx(single["val_mean_iu"], abs=1e-3)
+    assert double["val_pixel_acc"] == pytest.approx(single["val_pixel_acc"], abs=1e-3)
+    print("dvc repro", single, "\ndvc exp run -S train.nproc_per_node=2", double)
