@@ -140,6 +140,23 @@ def broadcast_from_main(value: Any) -> Any:
     return box[0]
 
 
+def merge_from_all(part: dict) -> dict:
+    """The union of every rank's ``part`` dict, on every rank (``part`` for one process);
+    for small results such as the few predictions kept for overlays."""
+    if not active():
+        return part
+    parts: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {key: value for each in parts for key, value in (each or {}).items()}
+
+
+def world_of_group() -> World:
+    """The world of the running process group (one process when none runs)."""
+    if not active():
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), _env_int(("LOCAL_RANK",), 0))
+
+
 def exit_if_test_kills() -> None:
     """Exit at once, without cleanup, when ``FCN_TEST_KILL_RANK`` names this process's
     rank (tests only: it stands in for a rank that crashes or is killed)."""
@@ -157,7 +174,9 @@ __all__ = [
     "barrier",
     "broadcast_from_main",
     "exit_if_test_kills",
+    "merge_from_all",
     "process_group",
     "under_launcher",
     "world_from_env",
+    "world_of_group",
 ]

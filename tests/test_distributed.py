@@ -20,6 +20,7 @@ from fcn_pipeline.checkpoints import CHECKPOINT_FILE, MODEL_FILE
 from fcn_pipeline.config import TrainParams
 from fcn_pipeline.data import SegmentationDataset, eval_loader, train_loader
 from fcn_pipeline.distributed import process_group
+from fcn_pipeline.evaluation import predict_and_count
 from fcn_pipeline.models import build_fcn
 from fcn_pipeline.training import evaluate, train_variant
 from tests.conftest import REPO, project_env
@@ -98,6 +99,35 @@ def test_distributed_confusion_equals_the_one_process_one_exactly(tiny_data, tmp
     assert torch.equal(hists[0], hists[1])  # every rank holds the sum
     assert torch.equal(hists[0], single)
     assert int(single.sum()) == len(val_set) * 48 * 64  # each pixel counted once
+
+
+def _rank_test_scoring(rank: int, port: int, data: str, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    test_set = SegmentationDataset(data, "test")
+    cpu = torch.device("cpu")
+    with process_group(cpu, timeout_s=60):
+        hist, kept = predict_and_count(
+            _tiny_net(6), test_set, batch_size=1, device=cpu, keep={0, 3}
+        )
+        kept = {index: torch.from_numpy(pred) for index, pred in kept.items()}
+        torch.save({"hist": hist, "kept": kept}, Path(out) / f"test{rank}.pt")
+
+
+def test_distributed_test_scoring_equals_the_one_process_one_exactly(tiny_data, tmp_path):
+    data = str(tiny_data / "ingested")
+    mp.spawn(_rank_test_scoring, args=(free_port(), data, str(tmp_path)), nprocs=2)
+    cpu = torch.device("cpu")
+    test_set = SegmentationDataset(data, "test")
+    hist, kept = predict_and_count(_tiny_net(6), test_set, batch_size=1, device=cpu, keep={0, 3})
+    for rank in range(2):
+        got = torch.load(tmp_path / f"test{rank}.pt", weights_only=True)
+        assert torch.equal(got["hist"], hist)
+        assert sorted(got["kept"]) == [0, 3]  # rank 1 predicted image 3 (batches 1, 3)
+        assert all((got["kept"][i].numpy() == kept[i]).all() for i in (0, 3))
 
 
 # --- whole trainings through the CLI (torchrun, gloo) -----------------------------
