@@ -183,6 +183,23 @@ class TrainParams(StrictModel):
     workers: int = Field(1, ge=-1, le=256)  # DataLoader processes; -1 = cores - 1
     threads: int = Field(0, ge=0, le=256)  # torch CPU threads; 0 = torch's default
     seed: int = Field(0, ge=0)
+    # Data-parallel training: processes per machine and machines; batch_size stays the
+    # global batch, split evenly over the nproc_per_node * nnodes processes.
+    nproc_per_node: int = Field(1, ge=1, le=1024)
+    nnodes: int = Field(1, ge=1, le=4096)
+    rdzv_endpoint: str = Field("127.0.0.1:29500", pattern=r"^[^\s:]+:\d{1,5}$")  # HOST:PORT
+    rdzv_id: str = Field("fcn-pipeline", pattern=r"^[A-Za-z0-9_.-]+$")  # same on every node
+    dist_timeout_s: float = Field(300.0, gt=0.0, le=86400.0)  # a dead rank fails others
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> TrainParams:
+        processes = self.nproc_per_node * self.nnodes
+        if self.batch_size % processes:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) is the global batch and must divide "
+                f"evenly over train.nproc_per_node * train.nnodes = {processes} processes"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pretrained_needs_full_width(self) -> TrainParams:

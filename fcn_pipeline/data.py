@@ -179,9 +179,19 @@ class SameSizeBatchSampler(Sampler[list[int]]):
 
     Groups keep the dataset order (first appearance of each size), so the batches
     are deterministic; nothing is padded when the batches are collated.
+
+    With ``rank`` and ``world_size``, only this process's share: batches ``rank``,
+    ``rank + world_size``, ... (no batch is padded or repeated, so the confusion
+    histograms of the shares sum to the whole split's exactly).
     """
 
-    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int):
+    def __init__(
+        self,
+        sizes: Sequence[tuple[int, int]],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         groups: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(sizes):
             groups.setdefault(tuple(size), []).append(i)
@@ -189,7 +199,36 @@ class SameSizeBatchSampler(Sampler[list[int]]):
             indices[start : start + batch_size]
             for indices in groups.values()
             for start in range(0, len(indices), batch_size)
-        ]
+        ][rank::world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class RankBatchSampler(Sampler[list[int]]):
+    """This process's share of the shuffled global batches of one epoch.
+
+    The global batches are exactly those a one-process :func:`train_loader` with the
+    same ``seed`` and ``batch_size`` draws (the same DataLoader shuffle is replayed
+    over the indices), and rank ``r`` of ``world_size`` takes the ``r``-th slice of
+    ``batch_size // world_size`` indices of each. So N processes step on the same
+    images as one process, and a new ``seed`` per epoch reshuffles. Incomplete last
+    batches are dropped, so every rank takes the same number of steps.
+    """
+
+    def __init__(self, length: int, batch_size: int, *, seed: int, rank: int, world_size: int):
+        share = batch_size // world_size
+        order = DataLoader(
+            range(length),
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            drop_last=True,
+        )
+        self.batches = [batch[rank * share : (rank + 1) * share].tolist() for batch in order]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
@@ -218,10 +257,30 @@ def train_loader(
     workers: int = 0,
     pin_memory: bool = False,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A shuffling loader whose order depends only on ``seed`` (padded batches)."""
+    """A shuffling loader whose order depends only on ``seed`` (padded batches).
+
+    With ``world_size`` > 1, ``batch_size`` is the global batch: this process gets
+    ``batch_size // world_size`` images of each (:class:`RankBatchSampler`, always
+    dropping the incomplete last batch)."""
     generator = torch.Generator().manual_seed(seed)
     workers = loader_workers(workers)
+    if world_size > 1:
+        sampler = RankBatchSampler(
+            len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            generator=generator,  # seeds the workers as the one-process loader does
+            num_workers=workers,
+            collate_fn=pad_collate,
+            pin_memory=pin_memory,
+            worker_init_fn=_seed_worker,
+            prefetch_factor=4 if workers else None,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -238,13 +297,20 @@ def train_loader(
 
 
 def eval_loader(
-    dataset: SegmentationDataset, batch_size: int, *, workers: int = 0, pin_memory: bool = False
+    dataset: SegmentationDataset,
+    batch_size: int,
+    *,
+    workers: int = 0,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A loader in dataset order that batches same-size images only (native resolution)."""
+    """A loader in dataset order that batches same-size images only (native resolution);
+    with ``world_size`` > 1 only this rank's share of the batches, none repeated."""
     workers = loader_workers(workers)
     return DataLoader(
         dataset,
-        batch_sampler=SameSizeBatchSampler(dataset.sizes, batch_size),
+        batch_sampler=SameSizeBatchSampler(dataset.sizes, batch_size, rank, world_size),
         num_workers=workers,
         collate_fn=pad_collate,
         pin_memory=pin_memory,
@@ -256,6 +322,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Batch",
+    "RankBatchSampler",
     "SameSizeBatchSampler",
     "Sample",
     "SegmentationDataset",

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fcn_pipeline import distributed
 from fcn_pipeline.atomic import atomic_output_dir, atomic_write_json
 from fcn_pipeline.checkpoints import MODEL_FILE, load_model
 from fcn_pipeline.config import EvaluateParams, check_staged_variant
@@ -54,10 +55,22 @@ def predict_and_count(
     keep: set[int] | None = None,
 ) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
     """The ``(K, K)`` int64 confusion histogram over ``dataset`` and the ``(H, W)`` uint8
-    predictions of the images whose index is in ``keep``."""
+    predictions of the images whose index is in ``keep``.
+
+    Inside a process group of several ranks each predicts its share of the batches
+    (none twice) and every rank gets the summed histogram and all kept predictions."""
     model.eval().to(device, memory_format=torch.channels_last)
-    loader = eval_loader(dataset, batch_size, workers=workers, pin_memory=device.type == "cuda")
-    return predict_batches(model, loader, dataset.num_classes, device, keep or frozenset())
+    world = distributed.world_of_group()
+    loader = eval_loader(
+        dataset,
+        batch_size,
+        workers=workers,
+        pin_memory=device.type == "cuda",
+        rank=world.rank,
+        world_size=world.size,
+    )
+    hist, kept = predict_batches(model, loader, dataset.num_classes, device, keep or frozenset())
+    return distributed.all_reduce_sum(hist), distributed.merge_from_all(kept)
 
 
 def overlay_indices(count: int, images: int) -> list[int]:

@@ -19,6 +19,13 @@ the images per batch by 1/p; this module does not do that on its own, set
 ``train.batch_size`` accordingly (e.g. batch 16 with p = 0.5 against batch 8
 with p = 1).
 
+Data-parallel training (``train.nproc_per_node`` * ``train.nnodes`` processes, see
+:mod:`fcn_pipeline.distributed`): every process holds the net wrapped in
+DistributedDataParallel and steps on its ``batch_size // world size`` share of
+the same global batches a single process would draw, so ``train.batch_size``
+stays the global batch; validation splits the batches over the processes and sums
+their confusion histograms. Only rank 0 logs and writes files.
+
 Checkpoints hold only tensors and plain Python values and are read with
 ``torch.load(..., weights_only=True)``. A checkpoint is resumed only when it was
 written by the same training configuration (params, data, initial model); any
@@ -39,7 +46,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from fcn_pipeline import distributed
 from fcn_pipeline.checkpoints import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -55,6 +64,7 @@ from fcn_pipeline.config import TrainParams, check_staged_variant
 from fcn_pipeline.data import SegmentationDataset, eval_loader, train_loader
 from fcn_pipeline.errors import (
     CheckpointError,
+    ConfigError,
     DatasetError,
     TrainingDivergedError,
     describe_os_error,
@@ -75,6 +85,8 @@ from fcn_pipeline.runtime import (
 COARSER = {"fcn16s": "fcn32s", "fcn8s": "fcn16s"}
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+# train params that say how many processes run, not what they compute.
+DISTRIBUTED_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id", "dist_timeout_s")
 
 
 # --- building blocks ----------------------------------------------------------------
@@ -226,12 +238,11 @@ def train_one_epoch(
     """
     from tqdm import tqdm
 
+    variant = getattr(model, "module", model).variant  # under DistributedDataParallel
     model.train()
     total_loss, images, data_seconds, lr = 0.0, 0, 0.0, optimizer.param_groups[0]["lr"]
     start = tick = time.perf_counter()
-    bar = tqdm(
-        loader, desc=f"{model.variant} epoch {epoch}", leave=False, disable=not show_progress()
-    )
+    bar = tqdm(loader, desc=f"{variant} epoch {epoch}", leave=False, disable=not show_progress())
     for i, batch in enumerate(bar):
         data_seconds += time.perf_counter() - tick
         lr = optimizer.param_groups[0]["lr"]
@@ -245,17 +256,21 @@ def train_one_epoch(
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDivergedError(
-                f"{model.variant}: loss is {value} at step {scheduler.last_epoch} (epoch "
+                f"{variant}: loss is {value} at step {scheduler.last_epoch} (epoch "
                 f"{epoch}, batch {i}) with learning rate {lr:.3g}; lower train.lr"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        distributed.exit_if_test_kills()
         total_loss += value * len(batch.ids)
         images += len(batch.ids)
         bar.set_postfix(loss=f"{value:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}")
         tick = time.perf_counter()
+    # Over all ranks: the mean loss of every image of the epoch, and all images seen.
+    totals = distributed.all_reduce_sum(torch.tensor([total_loss, float(images)]))
+    total_loss, images = float(totals[0]), int(totals[1])
     return EpochStats(
         loss=total_loss / max(images, 1),
         images=images,
@@ -271,8 +286,9 @@ def evaluate(
     num_classes: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """The ``(K, K)`` int64 confusion histogram of ``model`` over ``loader`` (on CPU)."""
-    return predict_batches(model, loader, num_classes, device)[0]
+    """The ``(K, K)`` int64 confusion histogram of ``model`` over ``loader`` (on CPU),
+    summed over all ranks when each holds a share of the batches (exact: integers)."""
+    return distributed.all_reduce_sum(predict_batches(model, loader, num_classes, device)[0])
 
 
 # --- resuming -----------------------------------------------------------------------
@@ -284,11 +300,14 @@ def run_fingerprint(
     epochs: int,
     datasets: list[SegmentationDataset],
     init_path: Path | None,
+    world_size: int = 1,
 ) -> str:
     """What a resumable checkpoint must match: the params that shape training, the
-    net and its epochs, the data read (``dataset.json`` lists every shard) and the
-    initial model."""
+    net and its epochs, the data read (``dataset.json`` lists every shard), the
+    initial model and the number of processes."""
     settings = params.model_dump(exclude={"out", "live", "workers", "device", "eval_batch_size"})
+    for key in DISTRIBUTED_KEYS:  # how the processes meet: not what they compute
+        settings.pop(key)
     parts = {
         "params": settings,
         "epochs": epochs,
@@ -296,6 +315,8 @@ def run_fingerprint(
         "data": [(dataset.root / "dataset.json").read_text() for dataset in datasets],
         "init": file_sha256(init_path) if init_path else None,
     }
+    if world_size > 1:  # ranks draw their own dropout, flips and loss-sampling masks
+        parts["world_size"] = world_size
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -308,12 +329,18 @@ def resume(
     log: Callable[[str], None],
 ) -> tuple[int, list[dict[str, float]]]:
     """Restore the last saved epoch of the same configuration, if any: returns the
-    number of epochs done and their metrics (``0, []`` for a fresh start)."""
-    if not checkpoint_path.exists():
-        return 0, []
-    state = load_file(checkpoint_path, CHECKPOINT_FORMAT)
-    if state.get("fingerprint") != fingerprint:
-        log(f"{model.variant}: {checkpoint_path} is from another configuration; starting over")
+    number of epochs done and their metrics (``0, []`` for a fresh start).
+
+    Under data parallelism rank 0 reads the checkpoint and hands it to the others, so
+    it needs to exist only where rank 0 runs."""
+    state = None
+    if distributed.world_from_env().main and checkpoint_path.exists():
+        state = load_file(checkpoint_path, CHECKPOINT_FORMAT)
+        if state.get("fingerprint") != fingerprint:
+            log(f"{model.variant}: {checkpoint_path} is from another configuration; starting over")
+            state = None
+    state = distributed.broadcast_from_main(state)
+    if state is None:
         return 0, []
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -394,9 +421,13 @@ class TrainingData:
     steps_per_epoch: int
 
 
-def build_data(params: TrainParams, device: torch.device) -> TrainingData:
-    """The train set of ``train.mode`` and the validation split, checked to share classes."""
+def build_data(
+    params: TrainParams, device: torch.device, world: distributed.World | None = None
+) -> TrainingData:
+    """The train set of ``train.mode`` and the validation split, checked to share classes;
+    the validation loader holds ``world``'s rank's share of the batches."""
     train_set = training_set(params)
+    world = world or distributed.World()
     val_set = SegmentationDataset(params.data, params.val_split)
     class_names = val_set.meta.class_names
     if train_set.meta.class_names != class_names:
@@ -405,9 +436,19 @@ def build_data(params: TrainParams, device: torch.device) -> TrainingData:
             f"{val_set.root}'s {class_names}"
         )
     val_loader = eval_loader(
-        val_set, params.eval_batch_size, workers=params.workers, pin_memory=device.type == "cuda"
+        val_set,
+        params.eval_batch_size,
+        workers=params.workers,
+        pin_memory=device.type == "cuda",
+        rank=world.rank,
+        world_size=world.size,
     )
     steps = steps_per_epoch(train_set, params.batch_size)
+    if world.distributed and (params.batch_size % world.size or len(train_set) < params.batch_size):
+        raise ConfigError(
+            f"train.batch_size ({params.batch_size}) is the global batch: it must divide over "
+            f"the world size {world.size} and not exceed the {len(train_set)} training images"
+        )
     return TrainingData(train_set, val_set, val_loader, class_names, steps)
 
 
@@ -434,16 +475,57 @@ def train_variant(
     Raises :class:`ConfigError`, :class:`DatasetError`, :class:`CheckpointError`
     or :class:`TrainingDivergedError` with a message naming the key or file;
     ``model.pt`` is written only after the last epoch, atomically.
+
+    Started by a launcher of several processes (``torchrun``, ``srun``), every process
+    calls this: they join one process group (``train.dist_timeout_s`` bounds every
+    wait for a dead rank), and only rank 0 calls ``log`` and ``on_epoch_end`` and
+    writes the checkpoint and ``model.pt`` while the others wait at a barrier.
     """
     check_staged_variant(variant)
-    net = "fcn8s_atonce" if variant == "fcn8s" and params.at_once else variant
     device = resolve_device(params.device)
+    with distributed.process_group(device, params.dist_timeout_s) as world:
+        if not world.main:  # rank 0 alone logs and writes
+            log, on_epoch_end = (lambda line: None), None
+        return _train(params, variant, epochs, device, world, on_epoch_end, log)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps ``seed`` (a one-process run is unchanged); other ranks get their own
+    stream, so their dropout, flips and loss-sampling masks differ, reproducibly."""
+    return seed + rank * 2**40
+
+
+def wrap_for_ranks(model: nn.Module, device: torch.device, world: distributed.World) -> nn.Module:
+    """``model`` in DistributedDataParallel (gradients averaged over ranks) when there
+    are several processes; ``model`` itself for one."""
+    if not world.distributed:
+        return model
+    device_ids = [device.index if device.index is not None else world.local_rank]
+    return DistributedDataParallel(model, device_ids=device_ids if device.type == "cuda" else None)
+
+
+def _train(
+    params: TrainParams,
+    variant: str,
+    epochs: int,
+    device: torch.device,
+    world: distributed.World,
+    on_epoch_end: EpochCallback | None,
+    log: Callable[[str], None],
+) -> TrainResult:
+    """:func:`train_variant` inside the process group of ``world``."""
+    net = "fcn8s_atonce" if variant == "fcn8s" and params.at_once else variant
     out_dir = Path(params.out) / variant
     init_path = Path(params.out) / COARSER[net] / MODEL_FILE if net in COARSER else None
-    data = build_data(params, device)
+    data = build_data(params, device, world)
+    backend = distributed.backend_for(device) if world.distributed else "one process"
+    log(
+        f"{net}: world size {world.size} ({backend}), {params.batch_size // world.size} "
+        f"images per process per step, global batch {params.batch_size}"
+    )
 
     with deterministic(device, params.threads):
-        seed_everything(params.seed)
+        seed_everything(params.seed)  # the same initial weights on every rank
         model = build_model(params, net, data.class_names, init_path, log)
         model.to(device, memory_format=torch.channels_last)
         criterion = build_criterion(params, data.class_names, model.output_stride)
@@ -451,7 +533,7 @@ def train_variant(
         scheduler = build_scheduler(optimizer, params, data.steps_per_epoch * epochs)
 
         datasets = [data.train_set, data.val_set]
-        fingerprint = run_fingerprint(params, net, epochs, datasets, init_path)
+        fingerprint = run_fingerprint(params, net, epochs, datasets, init_path, world.size)
         checkpoint_path = out_dir / CHECKPOINT_FILE
         start_epoch, history = resume(
             checkpoint_path, fingerprint, model, optimizer, scheduler, log
@@ -460,35 +542,42 @@ def train_variant(
             if on_epoch_end:
                 on_epoch_end(number, metrics)
 
+        stepped = wrap_for_ranks(model, device, world)
         for epoch in range(start_epoch + 1, epochs + 1):
             # Every epoch reseeds from (seed, epoch), so a resumed run draws what an
             # uninterrupted one would (shuffle order, dropout, loss-sampling masks).
             epoch_seed = params.seed * 100_003 + epoch
-            torch.manual_seed(epoch_seed)
-            criterion.reseed(epoch_seed)
+            torch.manual_seed(rank_seed(epoch_seed, world.rank))
+            criterion.reseed(rank_seed(epoch_seed, world.rank))
             loader = train_loader(
                 data.train_set,
                 params.batch_size,
-                seed=epoch_seed,
+                seed=epoch_seed,  # the same on every rank: they share the global batches
                 workers=params.workers,
                 pin_memory=device.type == "cuda",
                 drop_last=True,
+                rank=world.rank,
+                world_size=world.size,
             )
             stats = train_one_epoch(
-                model, criterion, optimizer, scheduler, loader, device, epoch, hflip=params.hflip
+                stepped, criterion, optimizer, scheduler, loader, device, epoch, hflip=params.hflip
             )
             hist = evaluate(model, data.val_loader, len(data.class_names), device)
             history.append(epoch_metrics(stats, segmentation_scores(hist)))
-            save_checkpoint(checkpoint_path, fingerprint, model, optimizer, scheduler, history)
+            if world.main:
+                save_checkpoint(checkpoint_path, fingerprint, model, optimizer, scheduler, history)
+            distributed.barrier()
             log(epoch_line(net, epoch, epochs, history[-1]))
             if on_epoch_end:
                 on_epoch_end(epoch, history[-1])
 
     model_path = out_dir / MODEL_FILE
-    record = model_record(
-        model.cpu(), data.class_names, epochs=epochs, history=history, mode=params.mode
-    )
-    save_file(model_path, record)
+    if world.main:
+        record = model_record(
+            model.cpu(), data.class_names, epochs=epochs, history=history, mode=params.mode
+        )
+        save_file(model_path, record)
+    distributed.barrier()
     return TrainResult(net, model_path, epochs, resumed_from=start_epoch, history=history)
 
 

@@ -41,9 +41,9 @@ def _patches(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
 
 
 def _train(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
-    from flows.train import train_flow
+    from flows.train import train_stage
 
-    return train_flow(variant=args.variant, params_file=args.params, overrides=overrides)
+    return train_stage(args.variant, args.params, overrides, args.argv)
 
 
 def _evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.server import prefect_api
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for torchrun's ranks
     overrides = {
         key: value for key, value in vars(args).items() if "." in key and value is not None
     }
