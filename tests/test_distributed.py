@@ -136,11 +136,22 @@ def test_distributed_test_scoring_equals_the_one_process_one_exactly(tiny_data, 
 def write_params(tiny_data: Path, tmp_path: Path, name: str, **train) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update(
-        data=str(tiny_data / "ingested"), patches=str(tiny_data / "patches"),
-        stats=str(tiny_data / "stats"), out=str(tmp_path / name / "models"),
-        live=str(tmp_path / name / "dvclive"), width=0.03125, batch_size=4,
-        eval_batch_size=3, device="cpu", workers=0, threads=1, dist_timeout_s=60, **train,
-    )  # fmt: skip
+        data=str(tiny_data / "ingested"),
+        patches=str(tiny_data / "patches"),
+        stats=str(tiny_data / "stats"),
+        out=str(tmp_path / name / "models"),
+        live=str(tmp_path / name / "dvclive"),
+        width=0.03125,
+        batch_size=4,
+        eval_batch_size=3,
+        device="cpu",
+        workers=0,
+        threads=1,
+        dist_timeout_s=60,
+        norm="none",
+        hflip=False,
+        **train,
+    )  # fmt: skip  (no BatchNorm, no flips: both draw or normalise per rank)
     params["epochs"]["fcn32s"] = 1
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -231,6 +242,7 @@ def _tiny_train_params(tiny_data: Path, out: Path) -> TrainParams:
         data=str(tiny_data / "ingested"), patches=str(tiny_data / "patches"),
         stats=str(tiny_data / "stats"), out=str(out), width=0.03125, batch_size=4,
         eval_batch_size=3, device="cpu", workers=0, threads=1, seed=3, dist_timeout_s=60,
+        norm="none", hflip=False,
     )  # fmt: skip
 
 
@@ -296,7 +308,14 @@ def test_dvc_exp_run_with_two_processes_matches_dvc_repro(project_copy, env):
     params["data"]["synthetic"].update(height=48, width=64, splits=splits)
     params["data"]["workers"] = params["stats"]["workers"] = params["patches"]["workers"] = 1
     params["train"].update(
-        width=0.03125, batch_size=4, eval_batch_size=2, workers=0, threads=1, device="cpu"
+        width=0.03125,
+        batch_size=4,
+        eval_batch_size=2,
+        workers=0,
+        threads=1,
+        device="cpu",
+        norm="none",
+        hflip=False,
     )
     params["epochs"]["fcn32s"] = 1
     (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
