@@ -54,9 +54,10 @@ def _evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
 
 def _study(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     from fcn_pipeline.study import load_study
-    from flows.study import study_flow
 
     load_study(args.study_file, args.params)  # refuse bad input before Prefect starts
+    from flows.study import study_flow
+
     return study_flow(study_file=args.study_file, params_file=args.params, reports=args.reports)
 
 
