@@ -42,7 +42,9 @@ def exp_refs(project: Path) -> dict[str, str]:
         ["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"],
         cwd=project, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
-    return {ref.rsplit("/", 1)[-1]: sha for sha, ref in (line.split() for line in out.splitlines())}
+    refs = (line.split() for line in out.splitlines())
+    # refs/exps/<baseline sha[:2]>/<baseline sha[2:]>/<name>; not DVC's exec/stash refs.
+    return {ref.split("/")[-1]: sha for sha, ref in refs if len(ref.split("/")) == 5}
 
 
 @pytest.mark.slow
