@@ -5,8 +5,9 @@ Every (setting, seed) of a study (:mod:`fcn_pipeline.study`) is one workspace
 lists them and DVC's run cache restores stages that already ran with the same
 inputs (the data stages, shared by all runs). Experiments that ``dvc exp show``
 already lists for the current commit are not run again: an interrupted study
-resumes where it stopped. Metrics come from ``dvc exp show --json``; the
-per-epoch DVCLive curves from each experiment's commit (``git show``). No
+resumes where it stopped. ``dvc exp show --json`` names the experiments and their
+commits; metrics files and the per-epoch DVCLive curves are read from each
+experiment's commit (``git show``), since ``exp show`` leaves out null values. No
 Prefect here: :mod:`flows.study` wraps these functions in tasks.
 """
 
@@ -92,7 +93,10 @@ def collect_results(project_dir: str, study: Study, logger: Logger) -> dict[str,
     runs = []
     for run in study.runs:
         entry = listed[run.name]
-        metrics = entry["metrics"].get(run.metrics_path)
+        # The metrics file as the experiment committed it: `dvc exp show` drops null
+        # values (a class absent from the split has IU null), results.json keeps them.
+        committed = _git_show(project_dir, entry["rev"], run.metrics_path)
+        metrics = json.loads(committed) if committed else entry["metrics"].get(run.metrics_path)
         if not metrics:
             raise RuntimeError(f"experiment {run.name}: no {run.metrics_path} in dvc exp show")
         runs.append(run_record(run, metrics, read_curve(project_dir, entry["rev"], run)))
