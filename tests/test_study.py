@@ -197,3 +197,12 @@ def test_aggregate_compare_and_report_files(tmp_path):
     assert "Welch" in report and "| frozen | interp | mean_iu | 0.1000 |" in report
     for png in ("per_class_iu.png", "val_mean_iu_vs_images.png", "val_mean_iu_vs_minutes.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_study_deployment_runs_the_study_flow_as_fcn_pipeline_study():
+    from flows.study import study_flow
+
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    [study] = [d for d in deployments if d["name"] == "study"]
+    assert study["entrypoint"] == "flows/study.py:study_flow"
+    assert f"{study_flow.name}/{study['name']}" == "fcn-pipeline/study"

@@ -114,6 +114,18 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(
     assert exp_refs(project_copy) == refs
     assert json.loads((report / "results.json").read_text()) == results
 
+    # Interrupted before the last experiment: only that one runs again.
+    removed = subprocess.run(
+        ["dvc", "exp", "remove", RUNS[-1]], cwd=project_copy, env=env, capture_output=True
+    )
+    assert removed.returncode == 0, removed.stderr
+    resumed = study(project_copy, env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    output = resumed.stdout + resumed.stderr
+    assert output.count("already in dvc exp show, skipped") == 3, output[-3000:]
+    after = exp_refs(project_copy)
+    assert sorted(after) == RUNS and all(after[name] == refs[name] for name in RUNS[:-1])
+
 
 @pytest.mark.parametrize(
     ("content", "named"),
