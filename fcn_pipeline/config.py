@@ -239,6 +239,9 @@ class EvaluateParams(StrictModel):
     device: DeviceName = "auto"
     workers: int = Field(1, ge=-1, le=256)
     threads: int = Field(0, ge=0, le=256)
+    # A test image is a "large object" image when one class other than background
+    # covers at least this share of its labelled pixels (scored apart: metrics' large_object).
+    large_object_share: float = Field(0.5, gt=0.0, le=1.0)
 
 
 # Where the data stages run their shard calls (see flows/executor.py).

@@ -53,9 +53,11 @@ def predict_and_count(
     device: torch.device,
     workers: int = 0,
     keep: set[int] | None = None,
+    per_image: dict[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
     """The ``(K, K)`` int64 confusion histogram over ``dataset`` and the ``(H, W)`` uint8
-    predictions of the images whose index is in ``keep``.
+    predictions of the images whose index is in ``keep`` (``per_image``: see
+    :func:`fcn_pipeline.runtime.predict_batches`).
 
     Inside a process group of several ranks each predicts its share of the batches
     (none twice) and every rank gets the summed histogram and all kept predictions."""
@@ -69,8 +71,45 @@ def predict_and_count(
         rank=world.rank,
         world_size=world.size,
     )
-    hist, kept = predict_batches(model, loader, dataset.num_classes, device, keep or frozenset())
+    hist, kept = predict_batches(
+        model, loader, dataset.num_classes, device, keep or frozenset(), per_image
+    )
+    if per_image is not None:
+        per_image.update(distributed.merge_from_all(dict(per_image)))
     return distributed.all_reduce_sum(hist), distributed.merge_from_all(kept)
+
+
+def large_object_scores(
+    per_image: np.ndarray, class_names: list[str], share: float
+) -> dict[str, Any]:
+    """Scores of the "large object" images alone, from ``(N, K, K)`` per-image histograms.
+
+    An image counts when one class other than ``background`` covers at least
+    ``share`` of its labelled (non-ignored) pixels; that class is its dominant
+    class. Returns ``images`` (how many), ``mean_iu`` (the FCN mean IU of their
+    summed histogram) and ``dominant_class_iu`` (each image's IU of its dominant
+    class, averaged over the images); both NaN without such images.
+    """
+    hists = np.asarray(per_image, dtype=np.float64).reshape(-1, len(class_names), len(class_names))
+    truth = hists.sum(axis=2)  # (N, K) labelled pixels per class
+    labelled = truth.sum(axis=1)
+    candidates = truth.copy()
+    # The background never makes an image a large-object one (void is ignored already).
+    candidates[:, [i for i, n in enumerate(class_names) if n.lower() == "background"]] = -1.0
+    dominant = candidates.argmax(axis=1)
+    rows = np.arange(len(hists))
+    chosen = (labelled > 0) & (candidates[rows, dominant] >= share * labelled)
+    if not chosen.any():
+        return {"images": 0, "mean_iu": math.nan, "dominant_class_iu": math.nan}
+    subset, cls = hists[chosen], dominant[chosen]
+    picked = np.arange(len(subset))
+    hit = subset[picked, cls, cls]
+    union = subset[picked, cls, :].sum(axis=1) + subset[picked, :, cls].sum(axis=1) - hit
+    return {
+        "images": int(chosen.sum()),
+        "mean_iu": float(segmentation_scores(subset.sum(axis=0))["mean_iu"]),
+        "dominant_class_iu": float((hit / union).mean()),  # union >= the class's pixels > 0
+    }
 
 
 def overlay_indices(count: int, images: int) -> list[int]:
@@ -192,6 +231,7 @@ def evaluate_variant(
     model = load_model(model_path, meta.class_names)
     device = resolve_device(params.device)
     chosen = overlay_indices(params.overlays, len(dataset))
+    per_image: dict[int, torch.Tensor] = {}
     with torch_threads(params.threads):
         hist, predictions = predict_and_count(
             model,
@@ -200,8 +240,16 @@ def evaluate_variant(
             device=device,
             workers=params.workers,
             keep=set(chosen),
+            per_image=per_image,
         )
     scores = segmentation_scores(hist)
+    stacked = torch.stack([per_image[i] for i in sorted(per_image)]) if per_image else None
+    k = len(meta.class_names)
+    large = large_object_scores(
+        stacked.numpy() if stacked is not None else np.zeros((0, k, k)),
+        meta.class_names,
+        params.large_object_share,
+    )
     metrics: dict[str, Any] = {
         "pixel_acc": scores["pixel_acc"],
         "mean_acc": scores["mean_acc"],
@@ -209,6 +257,7 @@ def evaluate_variant(
         "fw_iu": scores["fw_iu"],
         "per_class_iu": dict(zip(meta.class_names, scores["per_class_iu"], strict=True)),
         "per_class_acc": dict(zip(meta.class_names, scores["per_class_acc"], strict=True)),
+        "large_object": {**large, "share": params.large_object_share},
         "split": params.split,
         "images": len(dataset),
         "pixels": int(hist.sum()),
@@ -249,6 +298,7 @@ __all__ = [
     "colorize",
     "evaluate_variant",
     "json_safe",
+    "large_object_scores",
     "overlay_indices",
     "overlay_png",
     "predict_and_count",

@@ -82,9 +82,11 @@ def predict_batches(
     num_classes: int,
     device: torch.device,
     keep: set[int] | frozenset[int] = frozenset(),
+    per_image: dict[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
     """The ``(K, K)`` int64 confusion histogram of ``model`` over ``loader`` (on CPU),
     and the ``(H, W)`` uint8 predictions of the dataset indices in ``keep``.
+    ``per_image``, when given, is filled with each image's own ``(K, K)`` histogram.
 
     ``loader`` must come from :func:`fcn_pipeline.data.eval_loader` (its batch
     sampler names the dataset indices of each batch).
@@ -95,8 +97,13 @@ def predict_batches(
     for indices, batch in zip(loader.batch_sampler, loader, strict=True):
         with autocast(device):
             pred = model(to_device(batch.images, device)).argmax(dim=1)
-        hist += confusion_matrix(pred, batch.masks.to(device, non_blocking=True), num_classes)
+        masks = batch.masks.to(device, non_blocking=True)
+        hist += confusion_matrix(pred, masks, num_classes)
         for position, index in enumerate(indices):
+            if per_image is not None:  # one image at a time: K x K counts, no pixel loop
+                per_image[index] = confusion_matrix(
+                    pred[position], masks[position], num_classes
+                ).cpu()
             if index in keep:
                 kept[index] = pred[position].to(torch.uint8).cpu().numpy()
     return hist.cpu(), kept

@@ -52,6 +52,15 @@ def _evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     return evaluate_flow(variant=args.variant, params_file=args.params, overrides=overrides)
 
 
+def _study(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    from fcn_pipeline.study import load_study
+
+    load_study(args.study_file, args.params)  # refuse bad input before Prefect starts
+    from flows.study import study_flow
+
+    return study_flow(study_file=args.study_file, params_file=args.params, reports=args.reports)
+
+
 def _add_ingest(stages: Any) -> None:
     ingest = stages.add_parser("ingest", help="read a dataset into versioned Parquet shards")
     option = ingest.add_argument
@@ -123,6 +132,15 @@ def _add_evaluate(stages: Any) -> None:
     evaluate.set_defaults(run=_evaluate)
 
 
+def _add_study(stages: Any) -> None:
+    study = stages.add_parser(
+        "study", help="run a study's (setting, seed) DVC experiments and write its report"
+    )
+    study.add_argument("study_file", metavar="STUDY_FILE", help="studies/<name>.yaml")
+    study.add_argument("--reports", default="reports", help="writes REPORTS/<study>/")
+    study.set_defaults(run=_study)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """``fcn-pipeline [--params FILE] STAGE [options]``; each option overrides one key.
 
@@ -140,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show tracebacks on failure (also FCN_DEBUG=1)",
     )
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for add in (_add_ingest, _add_stats, _add_patches, _add_train, _add_evaluate):
+    for add in (_add_ingest, _add_stats, _add_patches, _add_train, _add_evaluate, _add_study):
         add(stages)
     return parser
 

@@ -66,12 +66,15 @@ def test_metrics_equal_a_per_image_computation_at_native_size(tiny_data, trained
     model = load_model(trained / "fcn32s" / MODEL_FILE).eval()
     dataset = SegmentationDataset(tiny_data / "ingested", "test")
     hist = torch.zeros((6, 6), dtype=torch.int64)
+    dominated = []  # per image: share of the labelled pixels of its largest non-background class
     with torch.no_grad():
         for i in range(len(dataset)):
             sample = dataset[i]
             pred = model(sample.image[None]).argmax(1)[0]
             assert pred.shape == sample.mask.shape  # native resolution
             hist += confusion_matrix(pred, sample.mask, 6)
+            counts = torch.bincount(sample.mask[sample.mask != 255], minlength=6)
+            dominated.append(float(counts[1:].max() / counts.sum()))
     expected = segmentation_scores(hist)
     written = json.loads(result.metrics_path.read_text())
     labelled = sum(int((dataset[i].mask != 255).sum()) for i in range(len(dataset)))
@@ -82,6 +85,10 @@ def test_metrics_equal_a_per_image_computation_at_native_size(tiny_data, trained
         stored = written["per_class_iu"][name]
         assert (stored is None and np.isnan(value)) or stored == pytest.approx(value)
     assert written["split"] == "test" and written["images"] == 4
+    large = written["large_object"]
+    assert large["share"] == 0.5
+    assert large["images"] == sum(share >= 0.5 for share in dominated)
+    assert large["images"] == 0 or 0.0 <= large["dominant_class_iu"] <= 1.0
 
 
 def test_confusion_csv_has_one_row_per_cell_normalised_per_actual_class(

@@ -1,0 +1,540 @@
+"""Studies: several settings of the pipeline, each trained with several seeds, compared.
+
+A study file (``studies/<name>.yaml``) names a base (overrides of ``params.yaml``
+applied to every run), settings (each a set of ``key=value`` overrides, as
+``dvc exp run -S`` takes them) and seeds. Every (setting, seed) is one run; the
+DVC driving lives in :mod:`flows.study_driver`. This module is the pure part:
+the study file's schema and its checks against ``params.yaml``, the run plan,
+training curves from DVCLive's TSV files, the aggregation over seeds, Welch's
+t-test, and the report (``results.json``, ``report.md``, PNG plots).
+
+Example::
+
+    study: upsample            # optional; default: the file name without .yaml
+    base: [epochs.fcn8s=10]    # every run
+    settings:
+      frozen: [train.upsample=frozen]
+      interp: [train.upsample=interp]
+    seeds: [0, 1, 2]           # each sets every key in seed_keys (default train.seed)
+    comparisons: [[frozen, interp]]   # default: every setting against the first
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from fcn_pipeline.atomic import atomic_output_dir
+from fcn_pipeline.config import (
+    Params,
+    StagedVariant,
+    StrictModel,
+    _format_validation_error,
+    parse_params,
+)
+from fcn_pipeline.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # usable in a git ref (experiment name)
+_KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*$")
+STAGED = ("fcn32s", "fcn16s", "fcn8s")  # the order training runs (curves are joined)
+ALPHA = 0.05  # two-sided significance level of the comparisons
+TEST_NAME = "Welch's two-sample t-test (unequal variances), two-sided"
+
+
+def _check_overrides(values: list[str]) -> list[str]:
+    for item in values:
+        key = item.split("=", 1)[0]
+        if "=" not in item or not _KEY.match(key):
+            raise ValueError(f"expected key=value with a dotted params.yaml key, got {item!r}")
+    return values
+
+
+class StudyFile(StrictModel):
+    """The schema of ``studies/<name>.yaml``; unknown keys are refused."""
+
+    study: str | None = None  # default: the file's stem
+    description: str = ""
+    base: list[str] = Field(default_factory=list)
+    settings: dict[str, list[str]] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    seed_keys: list[str] = Field(default_factory=lambda: ["train.seed"], min_length=1)
+    variant: StagedVariant = "fcn8s"  # whose metrics the study compares
+    large_object_share: float = Field(0.5, gt=0.0, le=1.0)  # sets evaluate.large_object_share
+    comparisons: list[tuple[str, str]] | None = None
+
+    @field_validator("study")
+    @classmethod
+    def _study_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError(f"{value!r}: use letters, digits, '-' and '_'")
+        return value
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, value: list[str]) -> list[str]:
+        return _check_overrides(value)
+
+    @field_validator("settings")
+    @classmethod
+    def _settings(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, overrides in value.items():
+            if not _NAME.match(name):
+                raise ValueError(f"setting {name!r}: use letters, digits, '-' and '_'")
+            _check_overrides(overrides)
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError(f"seeds must be distinct and >= 0, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One (setting, seed) of a study: a named DVC experiment."""
+
+    name: str
+    setting_name: str
+    setting: dict[str, Any]  # the setting's own overrides, parsed
+    seed: int
+    overrides: list[str]  # every -S of the run: base, setting, seed, threshold
+    params: Params  # params.yaml with ``overrides`` applied
+    variant: str = "fcn8s"  # whose metrics the study reads
+
+    @property
+    def metrics_path(self) -> str:
+        """The run's ``metrics/<variant>.json`` (as ``dvc exp show`` names it)."""
+        return f"{self.params.evaluate.metrics}/{self.variant}.json"
+
+    def curve_path(self, variant: str, metric: str) -> str:
+        """A DVCLive per-epoch TSV of the run (committed in its experiment)."""
+        return f"{self.params.train.live}/{variant}/plots/metrics/{metric}.tsv"
+
+
+@dataclass(frozen=True)
+class Study:
+    """A checked study file and its runs, in order (setting by setting, seed by seed)."""
+
+    name: str
+    source: str
+    spec: StudyFile
+    runs: list[RunSpec]
+
+    @property
+    def comparisons(self) -> list[tuple[str, str]]:
+        if self.spec.comparisons is not None:
+            return list(self.spec.comparisons)
+        names = list(self.spec.settings)
+        return [(names[0], other) for other in names[1:]]
+
+
+def parse_value(text: str) -> Any:
+    """A ``-S`` value as DVC reads it: YAML (``0.5`` a float, ``frozen`` a string)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _split(override: str) -> tuple[str, Any]:
+    key, value = override.split("=", 1)
+    return key, parse_value(value)
+
+
+def _has_key(tree: Any, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def load_study(path: str | Path, params_path: str | Path = "params.yaml") -> Study:
+    """Read, validate and plan ``path`` against ``params_path``.
+
+    Raises :class:`ConfigError` naming the study file and the key: an unknown
+    study-file key, a ``key=value`` whose key ``params.yaml`` does not have, a
+    value the params schema refuses, or a comparison of an unknown setting.
+    Nothing is run; call it before any experiment starts.
+    """
+    path, source = Path(path), str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+        params_raw = yaml.safe_load(Path(params_path).read_text()) or {}
+    except FileNotFoundError as error:
+        raise ConfigError(f"{error.filename}: file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping (study, base, settings, seeds)")
+    try:
+        spec = StudyFile.model_validate_json(json.dumps(raw))
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(source, error)) from None
+    name = spec.study or path.stem
+    if not _NAME.match(name):
+        raise ConfigError(f"{source}: study name {name!r}: use letters, digits, '-' and '_'")
+    keyed = [("base", o) for o in spec.base] + [("seed_keys", f"{k}=0") for k in spec.seed_keys]
+    keyed += [(f"settings.{s}", o) for s, overrides in spec.settings.items() for o in overrides]
+    for where, override in keyed:
+        key = override.split("=", 1)[0]
+        if not _has_key(params_raw, key):
+            raise ConfigError(f"{source}: {where}: {key!r} is not a key of {params_path}")
+    for pair in spec.comparisons or []:
+        unknown = [s for s in pair if s not in spec.settings]
+        if unknown:
+            raise ConfigError(f"{source}: comparisons: unknown setting(s) {unknown}")
+    runs = [
+        _plan_run(name, setting, seed, spec, params_raw, source)
+        for setting in spec.settings
+        for seed in spec.seeds
+    ]
+    return Study(name=name, source=source, spec=spec, runs=runs)
+
+
+def _plan_run(
+    study: str, setting: str, seed: int, spec: StudyFile, params_raw: dict, source: str
+) -> RunSpec:
+    overrides = [*spec.base, *spec.settings[setting]]
+    overrides += [f"{key}={seed}" for key in spec.seed_keys]
+    overrides.append(f"evaluate.large_object_share={spec.large_object_share}")
+    params = parse_params(
+        params_raw, source=f"{source} (setting {setting}, seed {seed})",
+        overrides=dict(_split(o) for o in overrides),
+    )  # fmt: skip
+    return RunSpec(
+        name=f"{study}-{setting}-s{seed}",
+        setting_name=setting,
+        setting=dict(_split(o) for o in spec.settings[setting]),
+        seed=seed,
+        overrides=overrides,
+        params=params,
+        variant=spec.variant,
+    )
+
+
+# --- what one run produced ---------------------------------------------------------
+
+
+def tsv_column(text: str, column: str) -> list[float]:
+    """One column of a DVCLive TSV (``timestamp  step  <metric>``), in step order."""
+    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
+    rows.sort(key=lambda row: int(float(row.get("step") or 0)))
+    return [float(row[column]) for row in rows if row.get(column) not in (None, "")]
+
+
+def training_curve(stages: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Validation mean IU against images seen and minutes, over the staged trainings.
+
+    ``stages``: per training stage in the order it ran (FCN-32s, -16s, -8s), its
+    per-epoch ``train_images``, ``images_per_second`` and ``val_mean_iu``. Images
+    and minutes accumulate across stages, as the paper's Figure 5 counts them.
+    """
+    images, minutes, val = [], [], []
+    seen = spent = 0.0
+    for stage in stages:
+        for count, speed, score in zip(
+            stage["train_images"], stage["images_per_second"], stage["val_mean_iu"], strict=False
+        ):
+            seen += count
+            spent += count / max(speed, 1e-9) / 60.0
+            images.append(seen)
+            minutes.append(spent)
+            val.append(score)
+    return {"images_seen": images, "minutes": minutes, "val_mean_iu": val}
+
+
+def run_record(run: RunSpec, metrics: dict[str, Any], curve: dict[str, list[float]]) -> dict:
+    """One entry of ``results.json``'s ``runs`` (metrics as ``metrics/<variant>.json``)."""
+    large = metrics.get("large_object") or {}
+    return {
+        "name": run.name,
+        "setting": run.setting,
+        "setting_name": run.setting_name,
+        "seed": run.seed,
+        "metrics": {
+            **{key: _number(metrics.get(key)) for key in ("mean_iu", "pixel_acc", "mean_acc")},
+            "fw_iu": _number(metrics.get("fw_iu")),
+            "per_class_iu": {k: _number(v) for k, v in (metrics.get("per_class_iu") or {}).items()},
+            "large_object": {
+                "images": int(large.get("images") or 0),
+                "mean_iu": _number(large.get("mean_iu")),
+                "dominant_class_iu": _number(large.get("dominant_class_iu")),
+            },
+        },
+        "train_minutes": curve["minutes"][-1] if curve["minutes"] else 0.0,
+        "curve": curve,
+    }
+
+
+def _number(value: Any) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+# --- statistics ----------------------------------------------------------------------
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (ddof 1) and count of the non-missing values."""
+    kept = np.array([v for v in values if v is not None], dtype=np.float64)
+    if kept.size == 0:
+        return None, None, 0
+    std = float(kept.std(ddof=1)) if kept.size > 1 else None
+    return float(kept.mean()), std, int(kept.size)
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 400):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return result
+
+
+def incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function ``I_x(a, b)`` for ``0 <= x <= 1``."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    if x < (a + 1.0) / (a + b + 2.0):  # where the fraction converges fast
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def welch_t_test(a: list[float], b: list[float]) -> dict[str, float | None]:
+    """Welch's t statistic, Welch-Satterthwaite degrees of freedom and two-sided p.
+
+    ``t = (mean_a - mean_b) / sqrt(s_a^2/n_a + s_b^2/n_b)``; ``p = I_{df/(df+t^2)}(df/2, 1/2)``.
+    Needs two values per side; with no spread at all, ``p`` is 0 when the means
+    differ and 1 when they do not.
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.size < 2 or y.size < 2:
+        return {"t": None, "df": None, "p": None}
+    vx, vy = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    diff = float(x.mean() - y.mean())
+    if vx + vy == 0.0:
+        return {"t": None, "df": None, "p": 0.0 if diff != 0.0 else 1.0}
+    t = diff / math.sqrt(vx + vy)
+    df = (vx + vy) ** 2 / (vx**2 / (x.size - 1) + vy**2 / (y.size - 1))
+    p = incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+    return {"t": t, "df": float(df), "p": float(min(max(p, 0.0), 1.0))}
+
+
+def aggregate(runs: list[dict], settings: list[str]) -> dict[str, dict[str, Any]]:
+    """Per setting: mean, std and count over its seeds of mean IU, per-class IU, the
+    large-object scores and training minutes (each as ``[mean, std, n]``)."""
+    summary: dict[str, dict[str, Any]] = {}
+    for setting in settings:
+        mine = [r for r in runs if r["setting_name"] == setting]
+        metrics = [r["metrics"] for r in mine]
+        classes = list(dict.fromkeys(c for m in metrics for c in m["per_class_iu"]))
+        summary[setting] = {
+            "seeds": [r["seed"] for r in mine],
+            "mean_iu": mean_std([m["mean_iu"] for m in metrics]),
+            "pixel_acc": mean_std([m["pixel_acc"] for m in metrics]),
+            "per_class_iu": {
+                c: mean_std([m["per_class_iu"].get(c) for m in metrics]) for c in classes
+            },
+            "large_object_images": mean_std([m["large_object"]["images"] for m in metrics]),
+            "large_object_mean_iu": mean_std([m["large_object"]["mean_iu"] for m in metrics]),
+            "dominant_class_iu": mean_std(
+                [m["large_object"]["dominant_class_iu"] for m in metrics]
+            ),
+            "train_minutes": mean_std([r["train_minutes"] for r in mine]),
+        }
+    return summary
+
+
+def compare(runs: list[dict], pairs: list[tuple[str, str]], metric: str = "mean_iu") -> list[dict]:
+    """Each pair's difference of ``metric`` (first minus second) and Welch's test of it."""
+    out = []
+    for first, second in pairs:
+        values = [
+            [
+                r["metrics"][metric]
+                for r in runs
+                if r["setting_name"] == s and r["metrics"][metric] is not None
+            ]
+            for s in (first, second)
+        ]
+        test = welch_t_test(*values)
+        diff = float(np.mean(values[0]) - np.mean(values[1])) if all(values) else None
+        significant = test["p"] is not None and test["p"] < ALPHA
+        out.append({"a": first, "b": second, "metric": metric, "difference": diff, **test,
+                    "exceeds_seed_spread": significant})  # fmt: skip
+    return out
+
+
+# --- the report ----------------------------------------------------------------------
+
+
+def _pm(stat: tuple[float | None, float | None, int] | list, digits: int = 4) -> str:
+    mean, std, _ = stat
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+def report_markdown(results: dict, summary: dict, comparisons: list[dict]) -> str:
+    """``report.md``: per setting mean ± std over seeds, per-class IU, the comparisons."""
+    settings = list(summary)
+    lines = [f"# Study `{results['study']}`", ""]
+    lines += [f"- dataset: {results['dataset']}; variant scored: {results['variant']}"]
+    lines += [f"- runs: {len(results['runs'])} ({len(settings)} settings x seeds)"]
+    lines += ["- ± is the sample standard deviation over seeds (n - 1)", ""]
+    lines += ["| setting | overrides | seeds | mean IU | pixel acc. | large-object images "
+              "| large-object mean IU | dominant-class IU | train minutes |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, row in summary.items():
+        setting = next((r["setting"] for r in results["runs"] if r["setting_name"] == name), {})
+        overrides = ", ".join(f"`{k}={v}`" for k, v in setting.items()) or "(base)"
+        lines.append(
+            f"| {name} | {overrides} | {len(row['seeds'])} | {_pm(row['mean_iu'])} "
+            f"| {_pm(row['pixel_acc'])} | {_pm(row['large_object_images'], 1)} "
+            f"| {_pm(row['large_object_mean_iu'])} | {_pm(row['dominant_class_iu'])} "
+            f"| {_pm(row['train_minutes'], 2)} |"
+        )
+    classes = list(dict.fromkeys(c for row in summary.values() for c in row["per_class_iu"]))
+    lines += ["", "## Per-class IU", "", "| class | " + " | ".join(settings) + " |"]
+    lines.append("|---" * (len(settings) + 1) + "|")
+    for c in classes:
+        cells = " | ".join(
+            _pm(summary[s]["per_class_iu"].get(c, (None, None, 0))) for s in settings
+        )
+        lines.append(f"| {c} | {cells} |")
+    lines += ["", "## Comparisons", "", f"Test: {TEST_NAME} over the seeds, at p < {ALPHA}."]
+    lines += ["A difference exceeds the seed spread when the test rejects equal means.", ""]
+    if comparisons:
+        lines += ["| a | b | metric | a - b | t | df | p | exceeds seed spread |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for c in comparisons:
+            cells = [_fmt(c["difference"]), _fmt(c["t"], 3), _fmt(c["df"], 1), _fmt(c["p"], 4)]
+            verdict = (
+                "yes"
+                if c["exceeds_seed_spread"]
+                else ("no" if c["p"] is not None else "n/a (< 2 seeds)")
+            )
+            lines.append(
+                f"| {c['a']} | {c['b']} | {c['metric']} | {' | '.join(cells)} | {verdict} |"
+            )
+    else:
+        lines.append("No comparisons (one setting).")
+    lines += ["", "## Plots", "", "![per-class IU](per_class_iu.png)", ""]
+    lines += ["![validation mean IU against images seen](val_mean_iu_vs_images.png)", ""]
+    lines += ["![validation mean IU against minutes](val_mean_iu_vs_minutes.png)", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_class(path: Path, summary: dict) -> None:
+    """Grouped bars: per-class IU per setting, mean over seeds with std error bars."""
+    plt = _pyplot()
+    settings = list(summary)
+    classes = list(dict.fromkeys(c for row in summary.values() for c in row["per_class_iu"]))
+    width = 0.8 / max(len(settings), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(classes) * max(1, len(settings) / 2)), 4))
+    for i, setting in enumerate(settings):
+        stats = [summary[setting]["per_class_iu"].get(c, (None, None, 0)) for c in classes]
+        means = [s[0] if s[0] is not None else np.nan for s in stats]
+        errors = [s[1] if s[1] is not None else 0.0 for s in stats]
+        ax.bar(
+            np.arange(len(classes)) + i * width, means, width, yerr=errors, label=setting, capsize=2
+        )
+    ax.set_xticks(np.arange(len(classes)) + width * (len(settings) - 1) / 2, classes, rotation=30)
+    ax.set_ylabel("IU (mean ± std over seeds)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, runs: list[dict], x_key: str, x_label: str) -> None:
+    """Validation mean IU per epoch against ``x_key``: one line per run, one colour per setting."""
+    plt = _pyplot()
+    settings = list(dict.fromkeys(r["setting_name"] for r in runs))
+    colors = {s: f"C{i % 10}" for i, s in enumerate(settings)}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        curve = run.get("curve") or {}
+        label = (
+            run["setting_name"]
+            if run is next(r for r in runs if r["setting_name"] == run["setting_name"])
+            else None
+        )
+        ax.plot(
+            curve.get(x_key, []),
+            curve.get("val_mean_iu", []),
+            marker=".",
+            color=colors[run["setting_name"]],
+            label=label,
+            alpha=0.8,
+        )
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("validation mean IU")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out: str | Path, results: dict, pairs: list[tuple[str, str]]) -> Path:
+    """Write ``results.json``, ``report.md`` and the PNGs into ``out`` atomically."""
+    settings = list(dict.fromkeys(r["setting_name"] for r in results["runs"]))
+    summary = aggregate(results["runs"], settings)
+    comparisons = compare(results["runs"], pairs)
+    with atomic_output_dir(out) as tmp:
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / "report.md").write_text(report_markdown(results, summary, comparisons))
+        plot_per_class(tmp / "per_class_iu.png", summary)
+        plot_curves(
+            tmp / "val_mean_iu_vs_images.png",
+            results["runs"],
+            "images_seen",
+            "training images seen",
+        )
+        plot_curves(
+            tmp / "val_mean_iu_vs_minutes.png", results["runs"], "minutes", "training minutes"
+        )
+    return Path(out)

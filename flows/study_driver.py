@@ -1,0 +1,111 @@
+"""Running a study's experiments with DVC and reading back what each produced.
+
+Every (setting, seed) of a study (:mod:`fcn_pipeline.study`) is one workspace
+``dvc exp run -S ... --name <study>-<setting>-s<seed>``, so ``dvc exp show``
+lists them and DVC's run cache restores stages that already ran with the same
+inputs (the data stages, shared by all runs). Experiments that ``dvc exp show``
+already lists for the current commit are not run again: an interrupted study
+resumes where it stopped. ``dvc exp show --json`` names the experiments and their
+commits; metrics files and the per-epoch DVCLive curves are read from each
+experiment's commit (``git show``), since ``exp show`` leaves out null values. No
+Prefect here: :mod:`flows.study` wraps these functions in tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from fcn_pipeline.study import STAGED, RunSpec, Study, run_record, training_curve, tsv_column
+from flows.dvc_driver import Logger, _executable, run_dvc, subprocess_env
+
+CURVE_METRICS = ("train_images", "images_per_second", "val_mean_iu")
+
+
+def list_experiments(project_dir: str) -> dict[str, dict[str, Any]]:
+    """``{name: {"rev": sha, "metrics": {file: {...}}}}`` of the experiments
+    ``dvc exp show --json`` lists for the current commit."""
+    result = subprocess.run(
+        [_executable("dvc"), "exp", "show", "--json"],
+        cwd=project_dir, env=subprocess_env(), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc exp show failed ({result.returncode}): {result.stderr.strip()}")
+    found: dict[str, dict[str, Any]] = {}
+    for baseline in json.loads(result.stdout or "[]"):
+        for exp_range in baseline.get("experiments") or []:
+            head = (exp_range.get("revs") or [{}])[0]  # the experiment's last commit
+            name = exp_range.get("name") or head.get("name")
+            data = head.get("data") or {}
+            if name and not head.get("error"):
+                metrics = {
+                    path: entry.get("data") or {}
+                    for path, entry in (data.get("metrics") or {}).items()
+                    if isinstance(entry, dict)
+                }
+                found[name] = {"rev": head.get("rev") or data.get("rev"), "metrics": metrics}
+    return found
+
+
+def run_experiment(project_dir: str, run: RunSpec, params_bytes: bytes, logger: Logger) -> dict:
+    """``dvc exp run -S ... --name <run.name>`` from the study's starting ``params.yaml``.
+
+    ``params.yaml`` gets its original bytes back first: ``-S`` rewrites it in the
+    workspace, and one run's overrides must not leak into the next. Raises
+    :class:`flows.dvc_driver.DvcStageError` naming the failing stage.
+    """
+    Path(project_dir, "params.yaml").write_bytes(params_bytes)
+    command = ["exp", "run"]
+    for override in run.overrides:
+        command += ["-S", override]
+    result = run_dvc([*command, "--name", run.name], project_dir, logger)
+    result["experiment"] = run.name
+    return result
+
+
+def _git_show(project_dir: str, rev: str, path: str) -> str | None:
+    result = subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=project_dir, capture_output=True, text=True
+    )
+    return result.stdout if result.returncode == 0 else None
+
+
+def read_curve(project_dir: str, rev: str, run: RunSpec) -> dict[str, list[float]]:
+    """The run's validation curve over its staged trainings, from its commit."""
+    stages = []
+    for variant in STAGED:
+        texts = {m: _git_show(project_dir, rev, run.curve_path(variant, m)) for m in CURVE_METRICS}
+        if all(texts.values()):
+            stages.append({m: tsv_column(text, m) for m, text in texts.items() if text})
+        if variant == run.variant:
+            break
+    return training_curve(stages)
+
+
+def collect_results(project_dir: str, study: Study, logger: Logger) -> dict[str, Any]:
+    """``results.json``'s content, read from ``dvc exp show`` and the experiments' commits."""
+    listed = list_experiments(project_dir)
+    missing = [run.name for run in study.runs if run.name not in listed]
+    if missing:
+        raise RuntimeError(f"dvc exp show does not list experiment(s) {missing}")
+    runs = []
+    for run in study.runs:
+        entry = listed[run.name]
+        # The metrics file as the experiment committed it: `dvc exp show` drops null
+        # values (a class absent from the split has IU null), results.json keeps them.
+        committed = _git_show(project_dir, entry["rev"], run.metrics_path)
+        metrics = json.loads(committed) if committed else entry["metrics"].get(run.metrics_path)
+        if not metrics:
+            raise RuntimeError(f"experiment {run.name}: no {run.metrics_path} in dvc exp show")
+        runs.append(run_record(run, metrics, read_curve(project_dir, entry["rev"], run)))
+        logger.info("%s: mean IU %s", run.name, runs[-1]["metrics"]["mean_iu"])
+    formats = sorted({run.params.data.format for run in study.runs})
+    return {
+        "study": study.name,
+        "dataset": formats[0] if len(formats) == 1 else formats,
+        "variant": study.spec.variant,
+        "seeds": study.spec.seeds,
+        "runs": runs,
+    }

@@ -1,0 +1,208 @@
+"""Studies without DVC: the study file's checks, large-object scoring, statistics, report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fcn_pipeline.errors import ConfigError
+from fcn_pipeline.evaluation import large_object_scores
+from fcn_pipeline.study import (
+    aggregate,
+    compare,
+    incomplete_beta,
+    load_study,
+    mean_std,
+    training_curve,
+    tsv_column,
+    welch_t_test,
+    write_report,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+GOOD = {
+    "base": ["epochs.fcn8s=1"],
+    "settings": {"frozen": ["train.upsample=frozen"], "interp": ["train.upsample=interp"]},
+    "seeds": [0, 1],
+}
+
+
+def study_file(tmp_path: Path, content: dict, name: str = "tiny") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+# --- the study file -------------------------------------------------------------------
+
+
+def test_a_good_study_plans_one_named_run_per_setting_and_seed(tmp_path):
+    study = load_study(study_file(tmp_path, GOOD), PARAMS)
+    assert study.name == "tiny"
+    assert [r.name for r in study.runs] == [
+        "tiny-frozen-s0", "tiny-frozen-s1", "tiny-interp-s0", "tiny-interp-s1",
+    ]  # fmt: skip
+    last = study.runs[-1]
+    assert last.setting == {"train.upsample": "interp"} and last.seed == 1
+    assert "train.seed=1" in last.overrides and "epochs.fcn8s=1" in last.overrides
+    assert last.params.train.upsample == "interp" and last.params.train.seed == 1
+    assert last.params.evaluate.large_object_share == 0.5
+    assert last.metrics_path == "metrics/fcn8s.json"
+    assert study.comparisons == [("frozen", "interp")]
+
+
+def test_an_unknown_study_key_is_refused_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"tiny\.yaml.*\n.*sedes: unknown key"):
+        load_study(study_file(tmp_path, {**GOOD, "sedes": [3]}), PARAMS)
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"base": ["train.upsampel=frozen"]}, "train.upsampel"),
+        ({"settings": {"a": ["train.lr=0.1"], "b": ["nope.deep.key=1"]}}, "nope.deep.key"),
+        ({"seed_keys": ["data.synthetic.sed"]}, "data.synthetic.sed"),
+    ],
+)
+def test_a_parameter_params_yaml_does_not_have_is_refused_naming_it(tmp_path, change, key):
+    with pytest.raises(ConfigError, match=rf"'{key}' is not a key of .*params\.yaml"):
+        load_study(study_file(tmp_path, {**GOOD, **change}), PARAMS)
+
+
+def test_a_bad_value_or_comparison_is_refused(tmp_path):
+    bad_value = {**GOOD, "settings": {"x": ["train.upsample=sideways"]}}
+    with pytest.raises(ConfigError, match=r"setting x, seed 0.*\n.*train\.upsample"):
+        load_study(study_file(tmp_path, bad_value), PARAMS)
+    with pytest.raises(ConfigError, match=r"comparisons: unknown setting\(s\) \['learned'\]"):
+        load_study(study_file(tmp_path, {**GOOD, "comparisons": [["frozen", "learned"]]}), PARAMS)
+    with pytest.raises(ConfigError, match="seeds"):
+        load_study(study_file(tmp_path, {**GOOD, "seeds": [1, 1]}), PARAMS)
+
+
+# --- large-object images ----------------------------------------------------------------
+
+
+def test_large_object_scores_pick_images_dominated_by_a_non_background_class():
+    names = ["background", "bus", "pole"]
+
+    def hist(rows):
+        return np.array(rows, dtype=np.int64)
+
+    images = np.stack([
+        hist([[2, 0, 0], [1, 6, 1], [0, 0, 0]]),  # bus 8 of 10 px: in; bus IU 6/(8+6-6)=0.75
+        hist([[9, 0, 0], [0, 1, 0], [0, 0, 0]]),  # background dominates: out
+        hist([[4, 0, 0], [0, 0, 0], [0, 1, 5]]),  # pole 6 of 10 px (>= 0.5): in; IU 5/(6+5-5)
+        hist([[0, 0, 0], [0, 0, 0], [0, 0, 0]]),  # nothing labelled: out
+    ])  # fmt: skip
+    scores = large_object_scores(images, names, 0.5)
+    assert scores["images"] == 2
+    assert scores["dominant_class_iu"] == pytest.approx((0.75 + 5 / 6) / 2)
+    # Summed histogram of images 0 and 2, [[6,0,0],[1,6,1],[0,1,5]]:
+    # IU background 6/(6+7-6), bus 6/(8+7-6), pole 5/(6+6-5).
+    assert scores["mean_iu"] == pytest.approx((6 / 7 + 6 / 9 + 5 / 7) / 3)
+    assert large_object_scores(images, names, 0.9)["images"] == 0
+    assert math.isnan(large_object_scores(images, names, 0.9)["mean_iu"])
+
+
+# --- statistics -------------------------------------------------------------------------
+
+
+def test_welch_t_test_against_a_hand_computed_case():
+    # means 2 and 5, variances 1 and 1, n 3 and 3: t = -3 / sqrt(2/3), df = 4.
+    result = welch_t_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert result["t"] == pytest.approx(-3.0 / math.sqrt(2.0 / 3.0))
+    assert result["df"] == pytest.approx(4.0)
+    # With df = 4 the two-sided p has a closed form: 1 - t / sqrt(t^2 + 4) * (1 + 2 / (t^2 + 4)).
+    t2 = result["t"] ** 2
+    expected = 1.0 - math.sqrt(t2 / (t2 + 4.0)) * (1.0 + 2.0 / (t2 + 4.0))
+    assert result["p"] == pytest.approx(expected, rel=1e-9)
+    assert 0.02 < result["p"] < 0.022
+    # Unequal variances and sizes: df below n_a + n_b - 2.
+    uneven = welch_t_test([0.1, 0.2, 0.3, 0.4], [0.5, 0.9])
+    assert 1.0 <= uneven["df"] < 4.0
+    assert welch_t_test([1.0], [2.0, 3.0]) == {"t": None, "df": None, "p": None}
+
+
+def test_incomplete_beta_matches_scipy_where_installed():
+    special = pytest.importorskip("scipy.special")
+    for a, b, x in [(2.0, 0.5, 0.3), (0.7, 0.5, 0.95), (15.0, 0.5, 0.5), (1.0, 1.0, 0.25)]:
+        assert incomplete_beta(a, b, x) == pytest.approx(special.betainc(a, b, x), rel=1e-10)
+
+
+def test_mean_std_skips_missing_values_and_uses_the_sample_std():
+    assert mean_std([1.0, None, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)), 2)
+    assert mean_std([0.5]) == (0.5, None, 1)
+    assert mean_std([None]) == (None, None, 0)
+
+
+def test_training_curve_accumulates_images_and_minutes_over_stages():
+    tsv = "timestamp\tstep\tval_mean_iu\n10\t1\t0.4\n5\t0\t0.2\n"
+    assert tsv_column(tsv, "val_mean_iu") == [0.2, 0.4]
+    stages = [
+        {"train_images": [60, 60], "images_per_second": [2.0, 1.0], "val_mean_iu": [0.1, 0.2]},
+        {"train_images": [120], "images_per_second": [4.0], "val_mean_iu": [0.3]},
+    ]
+    curve = training_curve(stages)
+    assert curve["images_seen"] == [60, 120, 240]
+    assert curve["minutes"] == pytest.approx([0.5, 1.5, 2.0])
+    assert curve["val_mean_iu"] == [0.1, 0.2, 0.3]
+
+
+def fake_run(setting, seed, mean_iu, pole):
+    return {
+        "name": f"s-{setting}-s{seed}",
+        "setting": {"train.upsample": setting},
+        "setting_name": setting,
+        "seed": seed,
+        "metrics": {
+            "mean_iu": mean_iu,
+            "pixel_acc": 0.9,
+            "mean_acc": 0.5,
+            "fw_iu": 0.8,
+            "per_class_iu": {"background": 0.9, "pole": pole},
+            "large_object": {"images": 3, "mean_iu": mean_iu / 2, "dominant_class_iu": 0.6},
+        },
+        "train_minutes": 1.0 + seed,
+        "curve": {"images_seen": [4, 8], "minutes": [0.5, 1.0 + seed], "val_mean_iu": [0.1, 0.2]},
+    }
+
+
+def test_aggregate_compare_and_report_files(tmp_path):
+    runs = [
+        fake_run("frozen", 0, 0.50, 0.1), fake_run("frozen", 1, 0.52, None),
+        fake_run("frozen", 2, 0.51, 0.3), fake_run("interp", 0, 0.40, 0.2),
+        fake_run("interp", 1, 0.41, 0.2), fake_run("interp", 2, 0.42, 0.2),
+    ]  # fmt: skip
+    summary = aggregate(runs, ["frozen", "interp"])
+    mean, std, n = summary["frozen"]["mean_iu"]
+    assert (mean, n) == (pytest.approx(0.51), 3) and std == pytest.approx(0.01)
+    pole_mean, pole_std, _ = summary["frozen"]["per_class_iu"]["pole"]  # one seed has no pole
+    assert (pole_mean, pole_std) == (pytest.approx(0.2), pytest.approx(math.sqrt(0.02)))
+    assert summary["interp"]["train_minutes"][0] == pytest.approx(2.0)
+    [comparison] = compare(runs, [("frozen", "interp")])
+    assert comparison["difference"] == pytest.approx(0.10)
+    assert comparison["exceeds_seed_spread"] and comparison["p"] < 0.001
+
+    results = {"study": "s", "dataset": "synthetic", "variant": "fcn8s", "runs": runs}
+    out = write_report(tmp_path / "reports" / "s", results, [("frozen", "interp")])
+    assert json.loads((out / "results.json").read_text()) == results
+    report = (out / "report.md").read_text()
+    assert "| frozen | `train.upsample=frozen` | 3 | 0.5100 ± 0.0100 |" in report
+    assert "Welch" in report and "| frozen | interp | mean_iu | 0.1000 |" in report
+    for png in ("per_class_iu.png", "val_mean_iu_vs_images.png", "val_mean_iu_vs_minutes.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_study_deployment_runs_the_study_flow_as_fcn_pipeline_study():
+    from flows.study import study_flow
+
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    [study] = [d for d in deployments if d["name"] == "study"]
+    assert study["entrypoint"] == "flows/study.py:study_flow"
+    assert f"{study_flow.name}/{study['name']}" == "fcn-pipeline/study"

@@ -1,0 +1,149 @@
+"""`fcn-pipeline study` end to end: real DVC experiments in a temporary git copy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import project_env
+
+RUNS = ["tiny-frozen-s0", "tiny-frozen-s1", "tiny-interp-s0", "tiny-interp-s1"]
+METRIC_KEYS = {"mean_iu", "pixel_acc", "mean_acc", "fw_iu", "per_class_iu", "large_object"}
+
+
+def tiny_project(project: Path) -> None:
+    """The copy's params.yaml at the tiny size of tests/test_pipeline_dvc.py, committed."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["synthetic"].update(
+        height=48, width=64, splits={"train": 4, "val": 2, "test": 2}
+    )
+    params["data"]["workers"] = params["stats"]["workers"] = params["patches"]["workers"] = 1
+    params["patches"]["patches_per_image"] = 2
+    params["train"].update(width=0.03125, batch_size=2, workers=0, device="cpu")
+    params["epochs"] = {"fcn32s": 1, "fcn16s": 1, "fcn8s": 2}
+    params["evaluate"].update(workers=0, overlays=1, device="cpu")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "commit", "-qam", "tiny"], cwd=project, check=True)
+
+
+def study(project: Path, env: dict, name: str = "tiny") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["fcn-pipeline", "study", f"studies/{name}.yaml"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+
+
+def exp_refs(project: Path) -> dict[str, str]:
+    out = subprocess.run(
+        ["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"],
+        cwd=project, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    refs = (line.split() for line in out.splitlines())
+    # refs/exps/<baseline sha[:2]>/<baseline sha[2:]>/<name>; not DVC's exec/stash refs.
+    return {ref.split("/")[-1]: sha for sha, ref in refs if len(ref.split("/")) == 5}
+
+
+@pytest.mark.slow
+def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(
+    project_copy, prefect_api_url
+):
+    env = project_env(prefect_api_url)
+    tiny_project(project_copy)
+    (project_copy / "studies").mkdir(exist_ok=True)
+    (project_copy / "studies" / "tiny.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base": ["epochs.fcn8s=1"],
+                "settings": {
+                    "frozen": ["train.upsample=frozen"],
+                    "interp": ["train.upsample=interp"],
+                },
+                "seeds": [0, 1],
+                "large_object_share": 0.4,
+            }
+        )
+    )
+    params_before = (project_copy / "params.yaml").read_bytes()
+    run = study(project_copy, env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    refs = exp_refs(project_copy)
+    assert sorted(refs) == RUNS
+    shown = subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=project_copy, env=env, capture_output=True, text=True
+    )
+    assert all(name in shown.stdout for name in RUNS), shown.stdout[-2000:]
+    assert (project_copy / "params.yaml").read_bytes() == params_before
+
+    report = project_copy / "reports" / "tiny"
+    results = json.loads((report / "results.json").read_text())
+    assert results["study"] == "tiny" and results["dataset"] == "synthetic"
+    assert [r["name"] for r in results["runs"]] == RUNS
+    for entry, (upsample, seed) in zip(
+        results["runs"], [("frozen", 0), ("frozen", 1), ("interp", 0), ("interp", 1)], strict=True
+    ):
+        assert entry["setting"] == {"train.upsample": upsample} and entry["seed"] == seed
+        assert set(entry["metrics"]) == METRIC_KEYS
+        assert 0.0 <= entry["metrics"]["mean_iu"] <= 1.0
+        assert set(entry["metrics"]["per_class_iu"]) >= {"background", "pole"}
+        large = entry["metrics"]["large_object"]
+        assert set(large) == {"images", "mean_iu", "dominant_class_iu"} and large["images"] >= 0
+        assert entry["train_minutes"] > 0
+        # One epoch per stage: three validation points, images accumulate over stages.
+        assert len(entry["curve"]["val_mean_iu"]) == 3
+        assert entry["curve"]["images_seen"] == [4, 8, 12]
+    # The seeds really differ: not every frozen run scores the same.
+    frozen = [r["metrics"]["pixel_acc"] for r in results["runs"][:2]]
+    assert frozen[0] != frozen[1]
+    markdown = (report / "report.md").read_text()
+    assert "| frozen |" in markdown and "| frozen | interp | mean_iu |" in markdown
+    assert {p.name for p in report.glob("*.png")} == {
+        "per_class_iu.png", "val_mean_iu_vs_images.png", "val_mean_iu_vs_minutes.png",
+    }  # fmt: skip
+
+    # Resuming: every experiment exists, none runs again, the report is rewritten.
+    (report / "results.json").unlink()
+    again = study(project_copy, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    output = again.stdout + again.stderr
+    assert output.count("already in dvc exp show, skipped") == 4, output[-3000:]
+    assert "Running stage" not in output
+    assert exp_refs(project_copy) == refs
+    assert json.loads((report / "results.json").read_text()) == results
+
+    # Interrupted before the last experiment: only that one runs again.
+    removed = subprocess.run(
+        ["dvc", "exp", "remove", RUNS[-1]], cwd=project_copy, env=env, capture_output=True
+    )
+    assert removed.returncode == 0, removed.stderr
+    resumed = study(project_copy, env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    output = resumed.stdout + resumed.stderr
+    assert output.count("already in dvc exp show, skipped") == 3, output[-3000:]
+    after = exp_refs(project_copy)
+    assert sorted(after) == RUNS and all(after[name] == refs[name] for name in RUNS[:-1])
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        (
+            {"settings": {"a": ["train.upsample=frozen"]}, "seeds": [0], "seed": 1},
+            "seed: unknown key",
+        ),
+        ({"settings": {"a": ["train.upsampling=frozen"]}, "seeds": [0]}, "'train.upsampling'"),
+    ],
+)
+def test_bad_study_file_is_refused_before_any_experiment(project_copy, content, named):
+    (project_copy / "studies").mkdir(exist_ok=True)
+    (project_copy / "studies" / "bad.yaml").write_text(yaml.safe_dump(content))
+    env = project_env("http://127.0.0.1:9/api")  # no server: nothing may reach Prefect
+    run = study(project_copy, env, "bad")
+    assert run.returncode == 1
+    assert run.stderr.startswith("fcn-pipeline study: error: studies/bad.yaml"), run.stderr
+    assert named in run.stderr
+    assert exp_refs(project_copy) == {}
+    assert not (project_copy / "dvc.lock").exists() and not (project_copy / "reports").exists()
