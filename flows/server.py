@@ -267,7 +267,8 @@ def send_pending_logs_and_events(timeout: float = 30.0) -> None:
     from prefect.logging.handlers import APILogWorker
 
     for worker in (APILogWorker, EventsWorker):
-        worker.drain_all(timeout=timeout)
+        with suppress(RuntimeError):  # never started: nothing to send
+            worker.drain_all(timeout=timeout)
 
 
 class _Forward:
