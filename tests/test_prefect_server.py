@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -272,6 +273,7 @@ def test_sigkill_of_the_runner_takes_the_server_down(tmp_path):
         assert wait_gone(seen["servers"], 5) == []
     finally:
         os.kill(seen["pid"], signal.SIGKILL)  # the command itself cannot be told
+        shutil.rmtree(seen["homes"][0], ignore_errors=True)  # nor could the runner clean up
 
 
 def tiny_stage(tmp_path: Path) -> list[str]:
