@@ -221,9 +221,9 @@ class EpochParams(StrictModel):
     its own count changes (``train@fcn8s`` reads ``fcn8s`` for the staged and the
     at-once FCN-8s alike)."""
 
-    fcn32s: int = Field(2, ge=0)
-    fcn16s: int = Field(2, ge=0)
-    fcn8s: int = Field(12, ge=0)
+    fcn32s: int = Field(1, ge=0)
+    fcn16s: int = Field(1, ge=0)
+    fcn8s: int = Field(6, ge=0)
 
 
 class EvaluateParams(StrictModel):

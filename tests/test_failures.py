@@ -252,6 +252,10 @@ def test_a_run_killed_during_its_swap_gets_its_previous_output_back(tmp_path):
         ({"lr": float("inf")}, "train.lr: Input should be a finite number"),
         ({"poly_power": float("nan")}, "train.poly_power: Input should be a finite number"),
         ({"pretrained": "vgg16.pth"}, "train.pretrained ('vgg16.pth') is the full VGG16 and needs"),
+        (
+            {"pretrained": "vgg16.pth", "width": 1.0, "norm": "batch"},
+            "train.pretrained ('vgg16.pth') is VGG16 without BatchNorm: it needs train.norm none",
+        ),
     ],
 )
 def test_the_schema_refuses_what_would_fail_later(train, named):
@@ -287,7 +291,9 @@ def test_a_pretrained_file_that_does_not_fit_names_the_key_and_file(
     path = tmp_path / "vgg16.pth"
     if make:
         make(path)
-    settings = tiny_params(tiny_data, tmp_path / "models", width=1.0, pretrained=str(path))
+    settings = tiny_params(
+        tiny_data, tmp_path / "models", width=1.0, pretrained=str(path), norm="none"
+    )
     with pytest.raises(CheckpointError) as caught:
         train_variant(settings, "fcn32s", 1)
     message = str(caught.value)
