@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -43,9 +43,6 @@ from fcn_pipeline.store import (
     read_dataset_meta,
     shard_paths,
 )
-
-if TYPE_CHECKING:  # worker processes import this module; keep pydantic out of their start-up
-    pass
 
 FREQUENCY_DIR = "class_frequency"  # one CSV per split: class, split, share, ...
 FREQUENCY_PNG = "class_frequency.png"
