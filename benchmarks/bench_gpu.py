@@ -183,24 +183,25 @@ def fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 
 
-def print_table(cases: list[Case], peak: float | None) -> None:
-    header = (
-        f"{'batch':>5} {'config':<10} {'ms/step':>9} {'img/s':>9} {'vs fp32':>8} "
-        f"{'peak MiB':>9} {'TFLOP/s':>8} {'of bf16 peak':>12}"
+HEADER = (
+    f"{'batch':>5} {'config':<10} {'ms/step':>9} {'img/s':>9} {'vs fp32':>8} "
+    f"{'peak MiB':>9} {'TFLOP/s':>8} {'of bf16 peak':>12}"
+)
+
+
+def print_row(case: Case) -> None:
+    """One case's line, printed as soon as it is measured (a run stopped at its time
+    limit keeps the rows it got to)."""
+    if case.status != "ok":
+        print(f"{case.batch:>5} {case.config:<10} {case.status}", flush=True)
+        return
+    share = fmt(case.share_of_bf16_peak, ".1%", "unknown")
+    print(
+        f"{case.batch:>5} {case.config:<10} {case.ms_per_step:>9.2f} "
+        f"{case.images_per_second:>9.2f} {fmt(case.speedup_vs_baseline, '.2f'):>7}x "
+        f"{fmt(case.peak_memory_mib, ',.0f'):>9} {case.tflops:>8.2f} {share:>12}",
+        flush=True,
     )
-    print(header)
-    print("-" * len(header))
-    for case in cases:
-        if case.status != "ok":
-            print(f"{case.batch:>5} {case.config:<10} {case.status}")
-            continue
-        share = fmt(case.share_of_bf16_peak, ".1%", "unknown")
-        print(
-            f"{case.batch:>5} {case.config:<10} {case.ms_per_step:>9.2f} "
-            f"{case.images_per_second:>9.2f} {fmt(case.speedup_vs_baseline, '.2f'):>7}x "
-            f"{fmt(case.peak_memory_mib, ',.0f'):>9} {case.tflops:>8.2f} {share:>12}"
-        )
-    print(f"dense bf16 peak of this device: {fmt(peak, '.1f', 'unknown')} TFLOP/s")
 
 
 def run(args) -> dict[str, Any]:
@@ -222,6 +223,8 @@ def run(args) -> dict[str, Any]:
     torch.manual_seed(0)
     base = build_fcn(args.variant, args.num_classes, width=args.width, upsample=args.upsample)
     cases: list[Case] = []
+    print(HEADER)
+    print("-" * len(HEADER), flush=True)
     for batch in args.batches:
         flops = step_flops(
             args.variant, args.num_classes, args.width, args.upsample, (batch, height, width_px)
@@ -237,6 +240,7 @@ def run(args) -> dict[str, Any]:
                 case.status = f"out of memory: {str(error).splitlines()[0]}"
                 torch.cuda.empty_cache()
                 cases.append(case)
+                print_row(case)
                 continue
             if config == BASELINE:
                 baseline_rate = case.images_per_second
@@ -246,7 +250,8 @@ def run(args) -> dict[str, Any]:
             if peak:
                 case.share_of_bf16_peak = case.tflops / peak
             cases.append(case)
-    print_table(cases, peak)
+            print_row(case)
+    print(f"dense bf16 peak of this device: {fmt(peak, '.1f', 'unknown')} TFLOP/s")
     return {
         "device": info,
         "torch": torch.__version__,

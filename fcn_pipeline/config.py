@@ -223,7 +223,7 @@ class EpochParams(StrictModel):
 
     fcn32s: int = Field(1, ge=0)
     fcn16s: int = Field(1, ge=0)
-    fcn8s: int = Field(6, ge=0)
+    fcn8s: int = Field(8, ge=0)
 
 
 class EvaluateParams(StrictModel):

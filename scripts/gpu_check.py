@@ -39,9 +39,9 @@ MODULES = {
     "train": [*LIBRARY, "matplotlib", "dvc", "dvclive", "prefect"],
 }
 TODO = [
-    "DDP with NCCL on one GPU: not checked; distributed training has landed "
-    "(fcn_pipeline/distributed.py, tested with gloo on the CPU) but tests/test_cuda.py "
-    "has no NCCL test yet."
+    "DDP with NCCL over two or more GPUs: not checked (one GPU holds one NCCL rank); "
+    "tests/test_cuda.py checks NCCL with a world of one, tests/test_distributed.py two "
+    "ranks with gloo on the CPU."
 ]
 VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
 # CamVid's split sizes (SegNet layout), for the synthetic stand-in at CamVid's size.
@@ -72,10 +72,20 @@ def torch_pin() -> str | None:
     return match.group(1) if match else None
 
 
+def _importable(name: str) -> bool:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin is not None
+
+
 def probe() -> dict[str, Any]:
     """This interpreter: versions, CUDA, and the modules each part lacks."""
     wanted = {name for names in MODULES.values() for name in names}
-    found = {name: importlib.util.find_spec(name) is not None for name in wanted}
+    # A spec without an origin is a namespace package: a bare directory of that name on
+    # the path (the repository's own dvclive/ logs, say), not the module.
+    found = {name: _importable(name) for name in wanted}
     info: dict[str, Any] = {
         "python": sys.executable,
         "python_version": sys.version.split()[0],
@@ -251,17 +261,32 @@ def stop_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def read_variants(project: Path) -> dict[str, Any]:
-    """Last-epoch DVCLive figures and test metrics of each variant that got that far."""
+def result_files(project: Path) -> dict[Path, bytes]:
+    """Each variant's DVCLive ``metrics.json`` and test metrics as they are now (the copy
+    holds the committed reference run's: only those the run rewrites are its own)."""
+    paths = [project / "dvclive" / v / "metrics.json" for v in VARIANTS]
+    paths += [project / "metrics" / f"{v}.json" for v in VARIANTS]
+    return {path: path.read_bytes() for path in paths if path.is_file()}
+
+
+def rewritten(path: Path, before: dict[Path, bytes]) -> Any:
+    """``path``'s JSON if the run wrote it (absent or different before), else None."""
+    if not path.is_file() or before.get(path) == path.read_bytes():
+        return None
+    return read_json(path)
+
+
+def read_variants(project: Path, before: dict[Path, bytes]) -> dict[str, Any]:
+    """Last-epoch DVCLive figures and test metrics of each variant this run trained."""
     variants = {}
     for variant in VARIANTS:
-        live = read_json(project / "dvclive" / variant / "metrics.json")
+        live = rewritten(project / "dvclive" / variant / "metrics.json", before)
         if not live:
             continue
         keys = ("train_loss", "val_mean_iu", "images_per_second", "data_wait_share")
         figures = {key: live.get(key) for key in keys}
         figures["epochs"] = live.get("step")  # flows/train.py logs epoch n as step n
-        test = read_json(project / "metrics" / f"{variant}.json") or {}
+        test = rewritten(project / "metrics" / f"{variant}.json", before) or {}
         figures["test_mean_iu"] = test.get("mean_iu")
         variants[variant] = figures
     return variants
@@ -272,6 +297,7 @@ def run_exp(args: argparse.Namespace) -> int:
     start = time.monotonic()
     project = Path(args.work) / "exp-project"
     copy_project(project)
+    before = result_files(project)
     shims(Path(args.work) / "exp-bin")
     camvid = next((p for p in camvid_candidates(args.camvid) if (p / "trainannot").is_dir()), None)
     settings, dataset = exp_overrides(args.mode, camvid if args.mode == "gpu" else None)
@@ -302,7 +328,7 @@ def run_exp(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             stop_group(server)
-    variants = read_variants(project)
+    variants = read_variants(project, before)
     status = "passed" if rc == 0 else ("timeout" if rc == 124 else "failed")
     stages = f"up to {', '.join(targets)}" if targets else "all"
     if args.mode == "dry-run":

@@ -141,9 +141,15 @@ def test_bad_study_file_is_refused_before_any_experiment(project_copy, content, 
     (project_copy / "studies").mkdir(exist_ok=True)
     (project_copy / "studies" / "bad.yaml").write_text(yaml.safe_dump(content))
     env = project_env("http://127.0.0.1:9/api")  # no server: nothing may reach Prefect
+    lock = (project_copy / "dvc.lock").read_bytes()  # the committed reference run's
     run = study(project_copy, env, "bad")
     assert run.returncode == 1
     assert run.stderr.startswith("fcn-pipeline study: error: studies/bad.yaml"), run.stderr
     assert named in run.stderr
     assert exp_refs(project_copy) == {}
-    assert not (project_copy / "dvc.lock").exists() and not (project_copy / "reports").exists()
+    assert (project_copy / "dvc.lock").read_bytes() == lock
+    assert not (project_copy / "reports").exists()
+    changed = subprocess.run(
+        ["git", "status", "--porcelain"], cwd=project_copy, capture_output=True, text=True
+    ).stdout.split("\n")  # fmt: skip
+    assert [line for line in changed if line and "studies/" not in line] == []
