@@ -71,9 +71,24 @@ def test_dry_run_passes_and_writes_every_figure(tmp_path):
 
     train = report["parts"]["train"]["results"]
     assert train["dvc_rc"] == 0 and train["targets"] == ["train@fcn32s"]
+    # Only what this run trained: the copy also holds the committed reference run's
+    # DVCLive files of FCN-16s and FCN-8s, which are not this run's figures.
+    assert set(train["variants"]) == {"fcn32s"}
+    assert train["variants"]["fcn32s"]["test_mean_iu"] is None  # evaluate did not run
     fcn32s = train["variants"]["fcn32s"]
     assert 0.0 <= fcn32s["data_wait_share"] <= 1.0 and fcn32s["images_per_second"] > 0
     assert fcn32s["epochs"] == 1
+
+
+def test_a_bare_directory_named_like_a_module_is_not_that_module(tmp_path, monkeypatch):
+    """The repository's own DVCLive logs (dvclive/) made a GPU machine without the
+    dvclive package look ready; a namespace package must count as missing."""
+    (tmp_path / "fcn_probe_pkg").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert importlib.util.find_spec("fcn_probe_pkg") is not None  # what fooled the probe
+    assert not gpu_check._importable("fcn_probe_pkg")
+    assert not gpu_check._importable("fcn_no_such_module")
+    assert gpu_check._importable("json") and gpu_check._importable("yaml")
 
 
 @pytest.mark.slow
