@@ -256,8 +256,15 @@ def training_curve(stages: list[dict[str, list[float]]]) -> dict[str, list[float
     return {"images_seen": images, "minutes": minutes, "val_mean_iu": val}
 
 
-def run_record(run: RunSpec, metrics: dict[str, Any], curve: dict[str, list[float]]) -> dict:
-    """One entry of ``results.json``'s ``runs`` (metrics as ``metrics/<variant>.json``)."""
+def run_record(
+    run: RunSpec,
+    metrics: dict[str, Any],
+    curve: dict[str, list[float]],
+    stages: dict[str, dict[str, Any]] | None = None,
+) -> dict:
+    """One entry of ``results.json``'s ``runs`` (metrics as ``metrics/<variant>.json``;
+    ``stages``: each staged net's ``metrics/<net>.json`` of the run, scored the same way,
+    of which ``stage_mean_iu`` keeps the mean IU)."""
     large = metrics.get("large_object") or {}
     return {
         "name": run.name,
@@ -273,6 +280,9 @@ def run_record(run: RunSpec, metrics: dict[str, Any], curve: dict[str, list[floa
                 "mean_iu": _number(large.get("mean_iu")),
                 "dominant_class_iu": _number(large.get("dominant_class_iu")),
             },
+        },
+        "stage_mean_iu": {
+            net: _number(scores.get("mean_iu")) for net, scores in (stages or {}).items()
         },
         "train_minutes": curve["minutes"][-1] if curve["minutes"] else 0.0,
         "curve": curve,
@@ -370,26 +380,39 @@ def aggregate(runs: list[dict], settings: list[str]) -> dict[str, dict[str, Any]
                 [m["large_object"]["dominant_class_iu"] for m in metrics]
             ),
             "train_minutes": mean_std([r["train_minutes"] for r in mine]),
+            "stage_mean_iu": {
+                net: mean_std([r.get("stage_mean_iu", {}).get(net) for r in mine])
+                for net in dict.fromkeys(n for r in mine for n in r.get("stage_mean_iu", {}))
+            },
         }
     return summary
 
 
-def compare(runs: list[dict], pairs: list[tuple[str, str]], metric: str = "mean_iu") -> list[dict]:
-    """Each pair's difference of ``metric`` (first minus second) and Welch's test of it."""
+def compare(
+    runs: list[dict],
+    pairs: list[tuple[str, str]],
+    metric: str = "mean_iu",
+    stage: str | None = None,
+) -> list[dict]:
+    """Each pair's difference of ``metric`` (first minus second) and Welch's test of it;
+    with ``stage``, of that staged net's mean IU (``stage_mean_iu``) instead."""
+
+    def value(run: dict) -> float | None:
+        if stage is not None:
+            return run.get("stage_mean_iu", {}).get(stage)
+        return run["metrics"][metric]
+
     out = []
     for first, second in pairs:
         values = [
-            [
-                r["metrics"][metric]
-                for r in runs
-                if r["setting_name"] == s and r["metrics"][metric] is not None
-            ]
+            [value(r) for r in runs if r["setting_name"] == s and value(r) is not None]
             for s in (first, second)
         ]
         test = welch_t_test(*values)
         diff = float(np.mean(values[0]) - np.mean(values[1])) if all(values) else None
         significant = test["p"] is not None and test["p"] < ALPHA
-        out.append({"a": first, "b": second, "metric": metric, "difference": diff, **test,
+        name = f"{stage} mean_iu" if stage is not None else metric
+        out.append({"a": first, "b": second, "metric": name, "difference": diff, **test,
                     "exceeds_seed_spread": significant})  # fmt: skip
     return out
 
@@ -423,6 +446,13 @@ def report_markdown(results: dict, summary: dict, comparisons: list[dict]) -> st
             f"| {_pm(row['large_object_mean_iu'])} | {_pm(row['dominant_class_iu'])} "
             f"| {_pm(row['train_minutes'], 2)} |"
         )
+    nets = list(dict.fromkeys(n for row in summary.values() for n in row.get("stage_mean_iu", {})))
+    if nets:
+        lines += ["", "## Mean IU of every staged net", ""]
+        lines += ["| setting | " + " | ".join(nets) + " |", "|---" * (len(nets) + 1) + "|"]
+        for name, row in summary.items():
+            cells = " | ".join(_pm(row["stage_mean_iu"].get(n, (None, None, 0))) for n in nets)
+            lines.append(f"| {name} | {cells} |")
     classes = list(dict.fromkeys(c for row in summary.values() for c in row["per_class_iu"]))
     lines += ["", "## Per-class IU", "", "| class | " + " | ".join(settings) + " |"]
     lines.append("|---" * (len(settings) + 1) + "|")
@@ -524,6 +554,10 @@ def write_report(out: str | Path, results: dict, pairs: list[tuple[str, str]]) -
     settings = list(dict.fromkeys(r["setting_name"] for r in results["runs"]))
     summary = aggregate(results["runs"], settings)
     comparisons = compare(results["runs"], pairs)
+    scored = results.get("variant")
+    nets = dict.fromkeys(n for r in results["runs"] for n in r.get("stage_mean_iu", {}))
+    for net in (n for n in nets if n != scored):
+        comparisons += compare(results["runs"], pairs, stage=net)
     with atomic_output_dir(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "report.md").write_text(report_markdown(results, summary, comparisons))

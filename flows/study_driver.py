@@ -84,6 +84,19 @@ def read_curve(project_dir: str, rev: str, run: RunSpec) -> dict[str, list[float
     return training_curve(stages)
 
 
+def read_stages(project_dir: str, rev: str, run: RunSpec) -> dict[str, dict[str, Any]]:
+    """The test metrics of each staged net the run trained up to its variant (FCN-32s,
+    FCN-16s, ...), from its commit."""
+    stages = {}
+    for variant in STAGED:
+        text = _git_show(project_dir, rev, f"{run.params.evaluate.metrics}/{variant}.json")
+        if text:
+            stages[variant] = json.loads(text)
+        if variant == run.variant:
+            break
+    return stages
+
+
 def collect_results(project_dir: str, study: Study, logger: Logger) -> dict[str, Any]:
     """``results.json``'s content, read from ``dvc exp show`` and the experiments' commits."""
     listed = list_experiments(project_dir)
@@ -99,7 +112,8 @@ def collect_results(project_dir: str, study: Study, logger: Logger) -> dict[str,
         metrics = json.loads(committed) if committed else entry["metrics"].get(run.metrics_path)
         if not metrics:
             raise RuntimeError(f"experiment {run.name}: no {run.metrics_path} in dvc exp show")
-        runs.append(run_record(run, metrics, read_curve(project_dir, entry["rev"], run)))
+        stages = read_stages(project_dir, entry["rev"], run)
+        runs.append(run_record(run, metrics, read_curve(project_dir, entry["rev"], run), stages))
         logger.info("%s: mean IU %s", run.name, runs[-1]["metrics"]["mean_iu"])
     formats = sorted({run.params.data.format for run in study.runs})
     return {

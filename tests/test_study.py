@@ -168,6 +168,7 @@ def fake_run(setting, seed, mean_iu, pole):
             "per_class_iu": {"background": 0.9, "pole": pole},
             "large_object": {"images": 3, "mean_iu": mean_iu / 2, "dominant_class_iu": 0.6},
         },
+        "stage_mean_iu": {"fcn32s": mean_iu / 2 + 0.001 * seed, "fcn8s": mean_iu},
         "train_minutes": 1.0 + seed,
         "curve": {"images_seen": [4, 8], "minutes": [0.5, 1.0 + seed], "val_mean_iu": [0.1, 0.2]},
     }
@@ -195,6 +196,10 @@ def test_aggregate_compare_and_report_files(tmp_path):
     report = (out / "report.md").read_text()
     assert "| frozen | `train.upsample=frozen` | 3 | 0.5100 ± 0.0100 |" in report
     assert "Welch" in report and "| frozen | interp | mean_iu | 0.1000 |" in report
+    # Every staged net's mean IU, and the comparison repeated for the nets not scored.
+    assert "| frozen | 0.2560 ± 0.0056 | 0.5100 ± 0.0100 |" in report
+    assert "| frozen | interp | fcn32s mean_iu | 0.0500 |" in report
+    assert "fcn8s mean_iu" not in report  # the scored variant is compared once
     for png in ("per_class_iu.png", "val_mean_iu_vs_images.png", "val_mean_iu_vs_minutes.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 

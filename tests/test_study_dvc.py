@@ -92,6 +92,11 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(
         large = entry["metrics"]["large_object"]
         assert set(large) == {"images", "mean_iu", "dominant_class_iu"} and large["images"] >= 0
         assert entry["train_minutes"] > 0
+        # Every staged net's test mean IU, read from the experiment's commit.
+        stages = entry["stage_mean_iu"]
+        assert list(stages) == ["fcn32s", "fcn16s", "fcn8s"]
+        assert stages["fcn8s"] == entry["metrics"]["mean_iu"]
+        assert all(0.0 <= value <= 1.0 for value in stages.values())
         # One epoch per stage: three validation points, images accumulate over stages.
         assert len(entry["curve"]["val_mean_iu"]) == 3
         assert entry["curve"]["images_seen"] == [4, 8, 12]
@@ -100,6 +105,7 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(
     assert frozen[0] != frozen[1]
     markdown = (report / "report.md").read_text()
     assert "| frozen |" in markdown and "| frozen | interp | mean_iu |" in markdown
+    assert "| frozen | interp | fcn32s mean_iu |" in markdown
     assert {p.name for p in report.glob("*.png")} == {
         "per_class_iu.png", "val_mean_iu_vs_images.png", "val_mean_iu_vs_minutes.png",
     }  # fmt: skip
