@@ -154,7 +154,7 @@ def test_bad_study_file_is_refused_before_any_experiment(project_copy, content, 
     assert named in run.stderr
     assert exp_refs(project_copy) == {}
     assert (project_copy / "dvc.lock").read_bytes() == lock
-    assert not (project_copy / "reports").exists()
+    assert not (project_copy / "reports" / "bad").exists()
     changed = subprocess.run(
         ["git", "status", "--porcelain"], cwd=project_copy, capture_output=True, text=True
     ).stdout.split("\n")  # fmt: skip
