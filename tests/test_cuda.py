@@ -51,6 +51,7 @@ from fcn_pipeline.metrics import segmentation_scores
 from fcn_pipeline.models import UPSAMPLE_MODES, VARIANTS, build_fcn
 from fcn_pipeline.runtime import autocast, predict_batches
 from fcn_pipeline.training import train_variant
+from flows.server import free_port
 
 pytestmark = [
     pytest.mark.cuda,
@@ -257,14 +258,10 @@ def ddp_step_matches_plain_step(device: torch.device) -> None:
     """A world of one process on ``device`` (NCCL on CUDA, gloo on the CPU): an exact
     integer all-reduce, and one DistributedDataParallel training step whose gradients
     equal those of the same net unwrapped (a world of one averages over one rank)."""
-    import socket
-
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     backend = distributed.backend_for(device)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:

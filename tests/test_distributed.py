@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,8 @@ from fcn_pipeline.distributed import process_group
 from fcn_pipeline.evaluation import predict_and_count
 from fcn_pipeline.models import build_fcn
 from fcn_pipeline.training import evaluate, train_variant
+from flows.server import free_port
 from tests.conftest import REPO, project_env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # --- samplers (no processes) --------------------------------------------------------
 
