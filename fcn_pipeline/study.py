@@ -70,6 +70,9 @@ class StudyFile(StrictModel):
     seed_keys: list[str] = Field(default_factory=lambda: ["train.seed"], min_length=1)
     variant: StagedVariant = "fcn8s"  # whose metrics the study compares
     large_object_share: float = Field(0.5, gt=0.0, le=1.0)  # sets evaluate.large_object_share
+    # The validation mean IU whose first crossing is reported per run (images seen and
+    # minutes until then, the paper's time-to-accuracy); null: not reported.
+    target_val_mean_iu: float | None = Field(None, gt=0.0, le=1.0)
     comparisons: list[tuple[str, str]] | None = None
 
     @field_validator("study")
@@ -256,16 +259,31 @@ def training_curve(stages: list[dict[str, list[float]]]) -> dict[str, list[float
     return {"images_seen": images, "minutes": minutes, "val_mean_iu": val}
 
 
+def to_target(curve: dict[str, list[float]], target: float) -> dict[str, float | None]:
+    """Images seen and minutes spent (accumulated over the staged trainings) at the first
+    epoch whose validation mean IU is at least ``target``; None where no epoch got there.
+    Validation runs once per epoch, so this is exact to the epoch."""
+    for images, minutes, score in zip(
+        curve["images_seen"], curve["minutes"], curve["val_mean_iu"], strict=True
+    ):
+        if score >= target:
+            return {"images": images, "minutes": minutes}
+    return {"images": None, "minutes": None}
+
+
 def run_record(
     run: RunSpec,
     metrics: dict[str, Any],
     curve: dict[str, list[float]],
     stages: dict[str, dict[str, Any]] | None = None,
+    target: float | None = None,
 ) -> dict:
     """One entry of ``results.json``'s ``runs`` (metrics as ``metrics/<variant>.json``;
     ``stages``: each staged net's ``metrics/<net>.json`` of the run, scored the same way,
-    of which ``stage_mean_iu`` keeps the mean IU)."""
+    of which ``stage_mean_iu`` keeps the mean IU; with ``target``, ``to_target`` holds
+    the images and minutes until the validation mean IU first reached it)."""
     large = metrics.get("large_object") or {}
+    extra = {} if target is None else {"to_target": to_target(curve, target)}
     return {
         "name": run.name,
         "setting": run.setting,
@@ -285,6 +303,7 @@ def run_record(
             net: _number(scores.get("mean_iu")) for net, scores in (stages or {}).items()
         },
         "train_minutes": curve["minutes"][-1] if curve["minutes"] else 0.0,
+        **extra,
         "curve": curve,
     }
 
@@ -380,12 +399,27 @@ def aggregate(runs: list[dict], settings: list[str]) -> dict[str, dict[str, Any]
                 [m["large_object"]["dominant_class_iu"] for m in metrics]
             ),
             "train_minutes": mean_std([r["train_minutes"] for r in mine]),
+            **{
+                f"{unit}_to_target": mean_std([(r.get("to_target") or {}).get(unit) for r in mine])
+                for unit in ("images", "minutes")
+                if any("to_target" in r for r in mine)
+            },
             "stage_mean_iu": {
                 net: mean_std([r.get("stage_mean_iu", {}).get(net) for r in mine])
                 for net in dict.fromkeys(n for r in mine for n in r.get("stage_mean_iu", {}))
             },
         }
     return summary
+
+
+def run_value(run: dict, metric: str = "mean_iu", stage: str | None = None) -> float | None:
+    """One run's number: ``metrics[metric]``, a staged net's mean IU (``stage``), or
+    ``images_to_target`` / ``minutes_to_target``."""
+    if stage is not None:
+        return run.get("stage_mean_iu", {}).get(stage)
+    if metric.endswith("_to_target"):
+        return (run.get("to_target") or {}).get(metric.removesuffix("_to_target"))
+    return run["metrics"][metric]
 
 
 def compare(
@@ -395,20 +429,21 @@ def compare(
     stage: str | None = None,
 ) -> list[dict]:
     """Each pair's difference of ``metric`` (first minus second) and Welch's test of it;
-    with ``stage``, of that staged net's mean IU (``stage_mean_iu``) instead."""
-
-    def value(run: dict) -> float | None:
-        if stage is not None:
-            return run.get("stage_mean_iu", {}).get(stage)
-        return run["metrics"][metric]
-
+    with ``stage``, of that staged net's mean IU (``stage_mean_iu``) instead. A run
+    without a value (a class absent, a target never reached) is left out; for the
+    ``*_to_target`` metrics a pair is tested only when every run has one (a run that
+    never got there is not a fast one), else ``p`` is None."""
     out = []
     for first, second in pairs:
-        values = [
-            [value(r) for r in runs if r["setting_name"] == s and value(r) is not None]
+        every = [
+            [run_value(r, metric, stage) for r in runs if r["setting_name"] == s]
             for s in (first, second)
         ]
-        test = welch_t_test(*values)
+        values = [[v for v in side if v is not None] for side in every]
+        if metric.endswith("_to_target") and any(None in side for side in every):
+            values, test = [[], []], {"t": None, "df": None, "p": None}
+        else:
+            test = welch_t_test(*values)
         diff = float(np.mean(values[0]) - np.mean(values[1])) if all(values) else None
         significant = test["p"] is not None and test["p"] < ALPHA
         name = f"{stage} mean_iu" if stage is not None else metric
@@ -453,6 +488,22 @@ def report_markdown(results: dict, summary: dict, comparisons: list[dict]) -> st
         for name, row in summary.items():
             cells = " | ".join(_pm(row["stage_mean_iu"].get(n, (None, None, 0))) for n in nets)
             lines.append(f"| {name} | {cells} |")
+    target = results.get("target_val_mean_iu")
+    if target is not None:
+        lines += ["", f"## Time to a validation mean IU of {target}", ""]
+        lines += [
+            "First epoch whose validation mean IU (whole validation images) is at least "
+            f"{target}; images and minutes accumulate over the staged trainings "
+            "(FCN-32s, -16s, ...); mean ± std over the runs that got there.",
+            "",
+        ]
+        lines += ["| setting | reached | images seen | minutes |", "|---|---|---|---|"]
+        for name, row in summary.items():
+            reached = row["images_to_target"][2]
+            lines.append(
+                f"| {name} | {reached}/{len(row['seeds'])} | {_pm(row['images_to_target'], 0)} "
+                f"| {_pm(row['minutes_to_target'], 2)} |"
+            )
     classes = list(dict.fromkeys(c for row in summary.values() for c in row["per_class_iu"]))
     lines += ["", "## Per-class IU", "", "| class | " + " | ".join(settings) + " |"]
     lines.append("|---" * (len(settings) + 1) + "|")
@@ -467,12 +518,14 @@ def report_markdown(results: dict, summary: dict, comparisons: list[dict]) -> st
         lines += ["| a | b | metric | a - b | t | df | p | exceeds seed spread |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for c in comparisons:
-            cells = [_fmt(c["difference"]), _fmt(c["t"], 3), _fmt(c["df"], 1), _fmt(c["p"], 4)]
-            verdict = (
-                "yes"
-                if c["exceeds_seed_spread"]
-                else ("no" if c["p"] is not None else "n/a (< 2 seeds)")
-            )
+            digits = 1 if c["metric"] == "images_to_target" else 4
+            cells = [_fmt(c["difference"], digits), _fmt(c["t"], 3), _fmt(c["df"], 1),
+                     _fmt(c["p"], 4)]  # fmt: skip
+            verdict = "yes" if c["exceeds_seed_spread"] else "no"
+            if c["p"] is None and c["metric"].endswith("_to_target"):
+                verdict = "n/a (a run never reached the target)"
+            elif c["p"] is None:
+                verdict = "n/a (< 2 seeds)"
             lines.append(
                 f"| {c['a']} | {c['b']} | {c['metric']} | {' | '.join(cells)} | {verdict} |"
             )
@@ -558,6 +611,8 @@ def write_report(out: str | Path, results: dict, pairs: list[tuple[str, str]]) -
     nets = dict.fromkeys(n for r in results["runs"] for n in r.get("stage_mean_iu", {}))
     for net in (n for n in nets if n != scored):
         comparisons += compare(results["runs"], pairs, stage=net)
+    if results.get("target_val_mean_iu") is not None:
+        comparisons += compare(results["runs"], pairs, "images_to_target")
     with atomic_output_dir(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "report.md").write_text(report_markdown(results, summary, comparisons))

@@ -66,6 +66,7 @@ def study_flow(
     logger = get_run_logger()
     project_dir = os.getcwd()
     study = load_study(study_file, params_file)  # refuses bad input before any experiment
+    study_driver.check_index(project_dir)  # a killed experiment's leftovers stop dvc exp run
     params_path = Path(project_dir, params_file)
     params_bytes = params_path.read_bytes()
     done = set(list_experiments(project_dir))

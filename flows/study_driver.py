@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from fcn_pipeline.errors import PipelineError
 from fcn_pipeline.study import STAGED, RunSpec, Study, run_record, training_curve, tsv_column
 from flows.dvc_driver import Logger, _executable, run_dvc, subprocess_env
 
@@ -47,6 +48,32 @@ def list_experiments(project_dir: str) -> dict[str, dict[str, Any]]:
                 }
                 found[name] = {"rev": head.get("rev") or data.get("rev"), "metrics": metrics}
     return found
+
+
+def check_index(project_dir: str) -> None:
+    """Refuse to start while the git index holds staged changes.
+
+    ``dvc exp run`` stashes the workspace and applies it again; staged entries make
+    that apply fail ("Stash apply resulted in merge conflicts") before any stage runs.
+    An experiment killed halfway leaves such entries (its ``dvc.lock``, DVCLive's
+    temporary files), so this names them and the way out. Raises
+    :class:`fcn_pipeline.errors.PipelineError`.
+    """
+    result = subprocess.run(
+        ["git", "diff", "--cached", "--name-only"],
+        cwd=project_dir, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise PipelineError(f"{project_dir}: not a git work tree ({result.stderr.strip()})")
+    staged = result.stdout.split()
+    if staged:
+        shown = ", ".join(staged[:3]) + (f" and {len(staged) - 3} more" if len(staged) > 3 else "")
+        raise PipelineError(
+            f"{project_dir}: the git index has staged changes ({shown}), which dvc exp run "
+            "cannot stash and apply again; an interrupted experiment leaves them. Commit them, "
+            "or unstage them with `git reset` (files stay as they are), then run the study "
+            "again: finished experiments are skipped"
+        )
 
 
 def run_experiment(project_dir: str, run: RunSpec, params_bytes: bytes, logger: Logger) -> dict:
@@ -113,7 +140,8 @@ def collect_results(project_dir: str, study: Study, logger: Logger) -> dict[str,
         if not metrics:
             raise RuntimeError(f"experiment {run.name}: no {run.metrics_path} in dvc exp show")
         stages = read_stages(project_dir, entry["rev"], run)
-        runs.append(run_record(run, metrics, read_curve(project_dir, entry["rev"], run), stages))
+        curve = read_curve(project_dir, entry["rev"], run)
+        runs.append(run_record(run, metrics, curve, stages, study.spec.target_val_mean_iu))
         logger.info("%s: mean IU %s", run.name, runs[-1]["metrics"]["mean_iu"])
     formats = sorted({run.params.data.format for run in study.runs})
     return {
@@ -121,5 +149,6 @@ def collect_results(project_dir: str, study: Study, logger: Logger) -> dict[str,
         "dataset": formats[0] if len(formats) == 1 else formats,
         "variant": study.spec.variant,
         "seeds": study.spec.seeds,
+        "target_val_mean_iu": study.spec.target_val_mean_iu,
         "runs": runs,
     }

@@ -18,6 +18,7 @@ from fcn_pipeline.study import (
     incomplete_beta,
     load_study,
     mean_std,
+    to_target,
     training_curve,
     tsv_column,
     welch_t_test,
@@ -154,6 +155,41 @@ def test_training_curve_accumulates_images_and_minutes_over_stages():
     assert curve["val_mean_iu"] == [0.1, 0.2, 0.3]
 
 
+def test_to_target_is_the_first_epoch_at_or_above_the_target():
+    curve = {"images_seen": [4, 8, 12], "minutes": [0.5, 1.0, 1.5], "val_mean_iu": [0.1, 0.3, 0.2]}
+    assert to_target(curve, 0.3) == {"images": 8, "minutes": 1.0}  # >=, and the first one
+    assert to_target(curve, 0.15) == {"images": 8, "minutes": 1.0}
+    assert to_target(curve, 0.31) == {"images": None, "minutes": None}
+
+
+def test_time_to_target_is_aggregated_reported_and_compared_only_when_all_reached(tmp_path):
+    def run(setting, seed, images):
+        record = fake_run(setting, seed, 0.5, 0.1)
+        record["to_target"] = {"images": images, "minutes": None if images is None else 1.0}
+        return record
+
+    runs = [run("fast", s, 100 + s) for s in range(3)] + [
+        run("slow", s, 200 + 2 * s) for s in range(3)
+    ]
+    runs += [run("never", 0, None), run("never", 1, 300), run("never", 2, 310)]
+    summary = aggregate(runs, ["fast", "slow", "never"])
+    assert summary["fast"]["images_to_target"] == (101.0, 1.0, 3)
+    assert summary["never"]["images_to_target"][2] == 2  # the run that never got there is out
+    fast_slow, fast_never = compare(runs, [("fast", "slow"), ("fast", "never")], "images_to_target")
+    assert fast_slow["difference"] == pytest.approx(-101.0) and fast_slow["p"] < 0.001
+    assert fast_never["p"] is None and not fast_never["exceeds_seed_spread"]
+
+    results = {"study": "t", "dataset": "synthetic", "variant": "fcn8s",
+               "target_val_mean_iu": 0.6, "runs": runs}  # fmt: skip
+    report = (write_report(tmp_path / "t", results, [("fast", "slow"), ("fast", "never")])
+              / "report.md").read_text()  # fmt: skip
+    assert "## Time to a validation mean IU of 0.6" in report
+    assert "| fast | 3/3 | 101 ± 1 | 1.00 ± 0.00 |" in report
+    assert "| never | 2/3 | 305 ± 7 |" in report
+    assert "| fast | slow | images_to_target | -101.0 |" in report
+    assert "| fast | never | images_to_target | - | - | - | - | n/a (a run never reached" in report
+
+
 def fake_run(setting, seed, mean_iu, pole):
     return {
         "name": f"s-{setting}-s{seed}",
@@ -211,3 +247,27 @@ def test_the_study_deployment_runs_the_study_flow_as_fcn_pipeline_study():
     [study] = [d for d in deployments if d["name"] == "study"]
     assert study["entrypoint"] == "flows/study.py:study_flow"
     assert f"{study_flow.name}/{study['name']}" == "fcn-pipeline/study"
+
+
+def test_a_study_refuses_to_start_over_staged_changes_and_names_them(tmp_path):
+    import subprocess
+
+    from fcn_pipeline.errors import PipelineError
+    from flows.study_driver import check_index
+
+    repo, outside = tmp_path / "repo", tmp_path / "outside"
+    repo.mkdir(), outside.mkdir()
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+    git("init", "-q")
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    check_index(str(repo))  # untracked files are no obstacle
+    git("add", "dvc.lock")  # as a killed `dvc exp run` leaves it
+    with pytest.raises(PipelineError, match=r"staged changes \(dvc\.lock\).*git reset"):
+        check_index(str(repo))
+    git("reset", "-q")
+    check_index(str(repo))
+    with pytest.raises(PipelineError, match="outside: not a git work tree"):
+        check_index(str(outside))
