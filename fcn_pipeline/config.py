@@ -21,6 +21,7 @@ from fcn_pipeline.errors import ConfigError
 
 Split = Literal["train", "val", "test"]
 SourceFormat = Literal["synthetic", "camvid", "voc", "folder"]
+Resample = Literal["area", "bilinear"]
 SyntheticClass = Literal["background", "bus", "disc", "triangle", "checker", "pole"]
 # Class-weighting schemes computed by the stats stage (see fcn_pipeline/class_weights.py).
 WeightScheme = Literal[SCHEMES]  # type: ignore[valid-type]
@@ -106,6 +107,8 @@ class DataParams(StrictModel):
     out: str = "data/ingested"
     shard_size: int = Field(64, ge=1, le=100_000)
     workers: int = Field(0, ge=0, le=256)
+    scale: float = Field(1.0, gt=0.0, le=1.0)  # < 1: every image and mask shrunk at ingest
+    resample: Resample = "area"  # the images' filter when scale < 1 (masks: nearest)
     synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
     folder: FolderParams = Field(default_factory=FolderParams)
 

@@ -1,8 +1,10 @@
 """The ingest stage: any source -> validated, sharded Parquet + ``dataset.json``.
 
 Every pair is decoded exactly once, in a worker process, where it is checked
-(both files decode, same size, mask values are classes or 255), the mask is
-re-encoded in the canonical convention and the shard is written. Problems from
+(both files decode, same size, mask values are classes or 255), optionally
+shrunk by ``data.scale`` (the image with an area or bilinear filter, the mask
+with nearest neighbours so it keeps class indices), the mask is re-encoded in
+the canonical convention and the shard is written. Problems from
 all pairs are gathered and reported together; on any problem nothing is
 written and the previous output stays in place.
 """
@@ -10,6 +12,7 @@ written and the previous output stays in place.
 from __future__ import annotations
 
 import io
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -63,15 +66,33 @@ class IngestResult:
         return sum(self.meta.split_images(s) for s in self.meta.splits)
 
 
-def _decode_checked(path: str, data: bytes) -> tuple[int, int, bytes]:
-    """Decode the image once: return its (height, width) and the bytes to store.
+# PIL's filters: BOX averages the input area each output pixel covers (area
+# interpolation); BILINEAR is a triangle filter whose support widens with the
+# shrink factor (antialiased); NEAREST samples the input at each output pixel's centre.
+RESAMPLE = {"area": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR}
 
-    PNG and JPEG bytes are kept unchanged; other formats are re-encoded as PNG.
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """``(height, width)`` times ``scale``, halves rounded up, at least one pixel each."""
+    return max(1, math.floor(height * scale + 0.5)), max(1, math.floor(width * scale + 0.5))
+
+
+def _decode_checked(
+    path: str, data: bytes, scale: float = 1.0, resample: str = "area"
+) -> tuple[int, int, bytes]:
+    """Decode the image once: return its (height, width) as read and the bytes to store.
+
+    Unscaled PNG and JPEG bytes are kept unchanged; other formats, and every image
+    shrunk by ``scale`` < 1, are (re-)encoded as PNG.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             width, height = image.size
+            if scale != 1.0:
+                size = scaled_size(height, width, scale)[::-1]  # PIL: (width, height)
+                rgb = image.convert("RGB").resize(size, RESAMPLE[resample])
+                return height, width, encode_png(np.asarray(rgb))
             if data.startswith((PNG_MAGIC, JPEG_MAGIC)):
                 return height, width, data
             return height, width, encode_png(np.asarray(image.convert("RGB")))
@@ -79,9 +100,13 @@ def _decode_checked(path: str, data: bytes) -> tuple[int, int, bytes]:
         raise PairError(path, f"image does not decode: {decode_failure(data, error)}") from None
 
 
-def _encode_pair(source: Source, pair: PairRef, num_classes: int) -> dict:
+def _encode_pair(
+    source: Source, pair: PairRef, num_classes: int, scale: float = 1.0, resample: str = "area"
+) -> dict:
     image_bytes, mask = source.load(pair)
-    height, width, image_bytes = _decode_checked(pair.image or pair.id, image_bytes)
+    height, width, image_bytes = _decode_checked(
+        pair.image or pair.id, image_bytes, scale, resample
+    )
     mask_name = pair.mask or pair.id
     if mask.shape != (height, width):
         raise PairError(
@@ -93,6 +118,10 @@ def _encode_pair(source: Source, pair: PairRef, num_classes: int) -> dict:
         raise PairError(
             mask_name, f"mask values {values} are neither a class (0..{num_classes - 1}) nor 255"
         )
+    if scale != 1.0:
+        height, width = scaled_size(height, width, scale)
+        nearest = Image.Resampling.NEAREST
+        mask = np.asarray(Image.fromarray(mask).resize((width, height), nearest))
     return {
         "id": pair.id,
         "split": pair.split,
@@ -104,16 +133,21 @@ def _encode_pair(source: Source, pair: PairRef, num_classes: int) -> dict:
 
 
 def ingest_shard(
-    source: Source, job: ShardJob, num_classes: int, out_dir: Path
+    source: Source,
+    job: ShardJob,
+    num_classes: int,
+    out_dir: Path,
+    scale: float = 1.0,
+    resample: str = "area",
 ) -> tuple[int, list[tuple[str, str]]]:
-    """Validate and encode the pairs of one shard and write it under ``out_dir``.
+    """Validate, scale and encode the pairs of one shard and write it under ``out_dir``.
 
     Returns ``(rows written, problems)``; runs in a worker process.
     """
     rows, problems = [], []
     for pair in job.pairs:
         try:
-            rows.append(_encode_pair(source, pair, num_classes))
+            rows.append(_encode_pair(source, pair, num_classes, scale, resample))
         except PairError as error:
             problems.append((error.path, error.reason))
     if not problems:
@@ -179,7 +213,7 @@ def ingest(
     num_classes = len(listing.class_names)
     shards: dict[str, list[ShardInfo]] = {}
     with atomic_output_dir(out) as tmp:
-        calls = [(source, job, num_classes, tmp) for job in jobs]
+        calls = [(source, job, num_classes, tmp, params.scale, params.resample) for job in jobs]
         results = mapper(ingest_shard, calls, params.workers)
         for job, (count, shard_problems) in zip(jobs, results, strict=True):
             problems += shard_problems
@@ -191,6 +225,8 @@ def ingest(
         source_info = dict(listing.description)
         if params.root:
             source_info["root"] = params.root
+        if params.scale != 1.0:  # recorded only when used: unscaled datasets stay as they were
+            source_info.update(scale=params.scale, resample=params.resample)
         meta = DatasetMeta(
             source=source_info,
             class_names=listing.class_names,

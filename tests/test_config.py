@@ -27,6 +27,9 @@ def test_repository_params_file_is_valid():
         ({"data": {"sharding": 3}}, "data.sharding", "unknown key"),
         ({"dataa": {}}, "dataa", "unknown key"),
         ({"data": {"format": "coco"}}, "data.format", "'synthetic'"),
+        ({"data": {"scale": 0}}, "data.scale", "greater than 0"),
+        ({"data": {"scale": 1.5}}, "data.scale", "less than or equal to 1"),
+        ({"data": {"resample": "cubic"}}, "data.resample", "'area'"),
         ({"data": {"synthetic": {"height": 8}}}, "data.synthetic.height", "greater than"),
         (
             {"data": {"synthetic": {"classes": ["bus", "background"]}}},

@@ -120,6 +120,43 @@ def test_camvid_round_trip_maps_void_to_255_and_keeps_image_bytes(tmp_path):
     assert all(s["images"] <= 2 for v in meta["splits"].values() for s in v["shards"])
 
 
+@pytest.mark.parametrize("resample", ["area", "bilinear"])
+def test_scale_shrinks_images_with_the_filter_and_masks_with_nearest(tmp_path, resample):
+    source = make_camvid(tmp_path / "camvid", size=(21, 30))
+    out = tmp_path / "out"
+    ingest(params("camvid", tmp_path / "camvid", scale=0.5, resample=resample), out)
+    rows = read_rows(out)
+    filters = {"area": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR}
+    for stem, mask in source.items():
+        row = rows[stem]
+        assert (row["height"], row["width"]) == (11, 15)  # 10.5 rounds up
+        original = Image.open(tmp_path / "camvid" / row["split"] / f"{stem}.png")
+        expected = np.asarray(original.convert("RGB").resize((15, 11), filters[resample]))
+        np.testing.assert_array_equal(decode_image(row["image"]), expected)  # PNG: lossless
+        # Nearest samples the source at each output pixel's centre: (2i + 1) / 2 * 21 / 11.
+        rows_at = np.floor((np.arange(11) + 0.5) * 21 / 11).astype(int)
+        cols_at = np.floor((np.arange(15) + 0.5) * 30 / 15).astype(int)
+        expected_mask = np.where(mask == 11, 255, mask)[np.ix_(rows_at, cols_at)]
+        np.testing.assert_array_equal(decode_mask(row["mask"]), expected_mask)
+    source_info = json.loads((out / "dataset.json").read_text())["source"]
+    assert (source_info["scale"], source_info["resample"]) == (0.5, resample)
+
+
+def test_area_and_bilinear_shrink_differently_and_keep_flat_regions(tmp_path):
+    root = tmp_path / "camvid"
+    make_camvid(root, counts={"train": 1, "val": 1, "test": 1}, size=(16, 16))
+    stripes = np.zeros((16, 16, 3), np.uint8)
+    stripes[:, ::2] = 200  # one-pixel columns: area keeps their mean, 100, everywhere
+    save_png(root / "train" / "train_000.png", stripes)
+    images = {}
+    for resample in ("area", "bilinear"):
+        ingest(params("camvid", root, scale=0.25, resample=resample), tmp_path / resample)
+        images[resample] = decode_image(read_rows(tmp_path / resample)["train_000"]["image"])
+    assert images["area"].shape == (4, 4, 3)
+    np.testing.assert_array_equal(images["area"], np.full((4, 4, 3), 100, np.uint8))
+    assert not np.array_equal(images["area"], images["bilinear"])
+
+
 def test_voc_keeps_jpeg_bytes_and_palette_indices_with_255_borders(tmp_path):
     source = make_voc(tmp_path / "voc")
     out = tmp_path / "out"
