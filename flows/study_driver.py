@@ -99,28 +99,29 @@ def _git_show(project_dir: str, rev: str, path: str) -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
+def _trained(run: RunSpec) -> tuple[str, ...]:
+    """The staged nets a run trains, in order, up to and including its variant."""
+    return STAGED[: STAGED.index(run.variant) + 1]
+
+
 def read_curve(project_dir: str, rev: str, run: RunSpec) -> dict[str, list[float]]:
     """The run's validation curve over its staged trainings, from its commit."""
     stages = []
-    for variant in STAGED:
+    for variant in _trained(run):
         texts = {m: _git_show(project_dir, rev, run.curve_path(variant, m)) for m in CURVE_METRICS}
         if all(texts.values()):
             stages.append({m: tsv_column(text, m) for m, text in texts.items() if text})
-        if variant == run.variant:
-            break
     return training_curve(stages)
 
 
 def read_stages(project_dir: str, rev: str, run: RunSpec) -> dict[str, dict[str, Any]]:
-    """The test metrics of each staged net the run trained up to its variant (FCN-32s,
-    FCN-16s, ...), from its commit."""
+    """The test metrics (``metrics/<net>.json``) of each staged net the run trained up
+    to and including its variant (FCN-32s, FCN-16s, ...), from its commit."""
     stages = {}
-    for variant in STAGED:
+    for variant in _trained(run):
         text = _git_show(project_dir, rev, f"{run.params.evaluate.metrics}/{variant}.json")
         if text:
             stages[variant] = json.loads(text)
-        if variant == run.variant:
-            break
     return stages
 
 
@@ -133,13 +134,12 @@ def collect_results(project_dir: str, study: Study, logger: Logger) -> dict[str,
     runs = []
     for run in study.runs:
         entry = listed[run.name]
-        # The metrics file as the experiment committed it: `dvc exp show` drops null
+        # The metrics files as the experiment committed them: `dvc exp show` drops null
         # values (a class absent from the split has IU null), results.json keeps them.
-        committed = _git_show(project_dir, entry["rev"], run.metrics_path)
-        metrics = json.loads(committed) if committed else entry["metrics"].get(run.metrics_path)
+        stages = read_stages(project_dir, entry["rev"], run)
+        metrics = stages.get(run.variant) or entry["metrics"].get(run.metrics_path)
         if not metrics:
             raise RuntimeError(f"experiment {run.name}: no {run.metrics_path} in dvc exp show")
-        stages = read_stages(project_dir, entry["rev"], run)
         curve = read_curve(project_dir, entry["rev"], run)
         runs.append(run_record(run, metrics, curve, stages, study.spec.target_val_mean_iu))
         logger.info("%s: mean IU %s", run.name, runs[-1]["metrics"]["mean_iu"])
