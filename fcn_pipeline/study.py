@@ -239,11 +239,13 @@ def tsv_column(text: str, column: str) -> list[float]:
 
 
 def training_curve(stages: list[dict[str, list[float]]]) -> dict[str, list[float]]:
-    """Validation mean IU against images seen and minutes, over the staged trainings.
+    """Validation mean IU against epochs, images seen and minutes, over the staged trainings.
 
     ``stages``: per training stage in the order it ran (FCN-32s, -16s, -8s), its
-    per-epoch ``train_images``, ``images_per_second`` and ``val_mean_iu``. Images
-    and minutes accumulate across stages, as the paper's Figure 5 counts them.
+    per-epoch ``train_images``, ``images_per_second`` and ``val_mean_iu``. Epochs,
+    images and minutes accumulate across stages, as the paper's Figure 5 counts them.
+    "Images" are training samples: patches in patch mode, so only epochs (passes over
+    the train split) compare a whole-image run with a patch run.
     """
     images, minutes, val = [], [], []
     seen = spent = 0.0
@@ -256,19 +258,26 @@ def training_curve(stages: list[dict[str, list[float]]]) -> dict[str, list[float
             images.append(seen)
             minutes.append(spent)
             val.append(score)
-    return {"images_seen": images, "minutes": minutes, "val_mean_iu": val}
+    epochs = [float(n) for n in range(1, len(val) + 1)]
+    return {"epochs": epochs, "images_seen": images, "minutes": minutes, "val_mean_iu": val}
+
+
+TARGET_UNITS = ("epochs", "images", "minutes")  # of ``to_target``
 
 
 def to_target(curve: dict[str, list[float]], target: float) -> dict[str, float | None]:
-    """Images seen and minutes spent (accumulated over the staged trainings) at the first
-    epoch whose validation mean IU is at least ``target``; None where no epoch got there.
-    Validation runs once per epoch, so this is exact to the epoch."""
-    for images, minutes, score in zip(
-        curve["images_seen"], curve["minutes"], curve["val_mean_iu"], strict=True
-    ):
+    """Epochs, images (training samples) seen and minutes spent, accumulated over the
+    staged trainings, at the first epoch whose validation mean IU is at least
+    ``target``; None where no epoch got there. Validation runs once per epoch, so
+    this is exact to the epoch."""
+    for index, score in enumerate(curve["val_mean_iu"]):
         if score >= target:
-            return {"images": images, "minutes": minutes}
-    return {"images": None, "minutes": None}
+            return {
+                "epochs": float(index + 1),
+                "images": curve["images_seen"][index],
+                "minutes": curve["minutes"][index],
+            }
+    return dict.fromkeys(TARGET_UNITS)
 
 
 def run_record(
@@ -401,7 +410,7 @@ def aggregate(runs: list[dict], settings: list[str]) -> dict[str, dict[str, Any]
             "train_minutes": mean_std([r["train_minutes"] for r in mine]),
             **{
                 f"{unit}_to_target": mean_std([(r.get("to_target") or {}).get(unit) for r in mine])
-                for unit in ("images", "minutes")
+                for unit in TARGET_UNITS
                 if any("to_target" in r for r in mine)
             },
             "stage_mean_iu": {
@@ -414,7 +423,7 @@ def aggregate(runs: list[dict], settings: list[str]) -> dict[str, dict[str, Any]
 
 def run_value(run: dict, metric: str = "mean_iu", stage: str | None = None) -> float | None:
     """One run's number: ``metrics[metric]``, a staged net's mean IU (``stage``), or
-    ``images_to_target`` / ``minutes_to_target``."""
+    ``<unit>_to_target`` (a :data:`TARGET_UNITS` unit)."""
     if stage is not None:
         return run.get("stage_mean_iu", {}).get(stage)
     if metric.endswith("_to_target"):
@@ -493,15 +502,16 @@ def report_markdown(results: dict, summary: dict, comparisons: list[dict]) -> st
         lines += ["", f"## Time to a validation mean IU of {target}", ""]
         lines += [
             "First epoch whose validation mean IU (whole validation images) is at least "
-            f"{target}; images and minutes accumulate over the staged trainings "
-            "(FCN-32s, -16s, ...); mean ± std over the runs that got there.",
+            f"{target}; epochs, images (training samples: patches in patch mode) and "
+            "minutes accumulate over the staged trainings (FCN-32s, -16s, ...); mean ± std "
+            "over the runs that got there.",
             "",
         ]
-        lines += ["| setting | reached | images seen | minutes |", "|---|---|---|---|"]
+        lines += ["| setting | reached | epochs | images seen | minutes |", "|---|---|---|---|---|"]
         for name, row in summary.items():
-            reached = row["images_to_target"][2]
             lines.append(
-                f"| {name} | {reached}/{len(row['seeds'])} | {_pm(row['images_to_target'], 0)} "
+                f"| {name} | {row['epochs_to_target'][2]}/{len(row['seeds'])} "
+                f"| {_pm(row['epochs_to_target'], 2)} | {_pm(row['images_to_target'], 0)} "
                 f"| {_pm(row['minutes_to_target'], 2)} |"
             )
     classes = list(dict.fromkeys(c for row in summary.values() for c in row["per_class_iu"]))
@@ -518,7 +528,7 @@ def report_markdown(results: dict, summary: dict, comparisons: list[dict]) -> st
         lines += ["| a | b | metric | a - b | t | df | p | exceeds seed spread |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for c in comparisons:
-            digits = 1 if c["metric"] == "images_to_target" else 4
+            digits = 2 if c["metric"] == "epochs_to_target" else 4
             cells = [_fmt(c["difference"], digits), _fmt(c["t"], 3), _fmt(c["df"], 1),
                      _fmt(c["p"], 4)]  # fmt: skip
             verdict = "yes" if c["exceeds_seed_spread"] else "no"
@@ -534,6 +544,7 @@ def report_markdown(results: dict, summary: dict, comparisons: list[dict]) -> st
     lines += ["", "## Plots", "", "![per-class IU](per_class_iu.png)", ""]
     lines += ["![validation mean IU against images seen](val_mean_iu_vs_images.png)", ""]
     lines += ["![validation mean IU against minutes](val_mean_iu_vs_minutes.png)", ""]
+    lines += ["![validation mean IU against epochs](val_mean_iu_vs_epochs.png)", ""]
     return "\n".join(lines)
 
 
@@ -612,7 +623,7 @@ def write_report(out: str | Path, results: dict, pairs: list[tuple[str, str]]) -
     for net in (n for n in nets if n != scored):
         comparisons += compare(results["runs"], pairs, stage=net)
     if results.get("target_val_mean_iu") is not None:
-        comparisons += compare(results["runs"], pairs, "images_to_target")
+        comparisons += compare(results["runs"], pairs, "epochs_to_target")
     with atomic_output_dir(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "report.md").write_text(report_markdown(results, summary, comparisons))
@@ -621,9 +632,15 @@ def write_report(out: str | Path, results: dict, pairs: list[tuple[str, str]]) -
             tmp / "val_mean_iu_vs_images.png",
             results["runs"],
             "images_seen",
-            "training images seen",
+            "training images seen (patches in patch mode)",
         )
         plot_curves(
             tmp / "val_mean_iu_vs_minutes.png", results["runs"], "minutes", "training minutes"
+        )
+        plot_curves(
+            tmp / "val_mean_iu_vs_epochs.png",
+            results["runs"],
+            "epochs",
+            "training epochs (passes over the train split, FCN-32s -> 16s -> 8s)",
         )
     return Path(out)

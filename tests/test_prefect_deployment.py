@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import yaml
 from PIL import Image
 
 from flows.dvc_driver import _stage_error_lines, dvc_command, metrics_markdown
+from flows.server import free_port
 from tests.conftest import copy_project
 
 # A tiny run (as in test_pipeline_dvc.py). Only keys params.yaml has are set:
@@ -104,12 +104,6 @@ def set_existing(params: dict[str, Any], values: dict[str, Any]) -> dict[str, An
         if isinstance(node, dict) and leaf in node:
             node[leaf] = value
     return params
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

@@ -150,6 +150,7 @@ def test_training_curve_accumulates_images_and_minutes_over_stages():
         {"train_images": [120], "images_per_second": [4.0], "val_mean_iu": [0.3]},
     ]
     curve = training_curve(stages)
+    assert curve["epochs"] == [1, 2, 3]
     assert curve["images_seen"] == [60, 120, 240]
     assert curve["minutes"] == pytest.approx([0.5, 1.5, 2.0])
     assert curve["val_mean_iu"] == [0.1, 0.2, 0.3]
@@ -157,15 +158,20 @@ def test_training_curve_accumulates_images_and_minutes_over_stages():
 
 def test_to_target_is_the_first_epoch_at_or_above_the_target():
     curve = {"images_seen": [4, 8, 12], "minutes": [0.5, 1.0, 1.5], "val_mean_iu": [0.1, 0.3, 0.2]}
-    assert to_target(curve, 0.3) == {"images": 8, "minutes": 1.0}  # >=, and the first one
-    assert to_target(curve, 0.15) == {"images": 8, "minutes": 1.0}
-    assert to_target(curve, 0.31) == {"images": None, "minutes": None}
+    assert to_target(curve, 0.3) == {"epochs": 2, "images": 8, "minutes": 1.0}  # >=, the first
+    assert to_target(curve, 0.15) == {"epochs": 2, "images": 8, "minutes": 1.0}
+    assert to_target(curve, 0.31) == {"epochs": None, "images": None, "minutes": None}
 
 
 def test_time_to_target_is_aggregated_reported_and_compared_only_when_all_reached(tmp_path):
-    def run(setting, seed, images):
+    def run(setting, seed, epochs):
         record = fake_run(setting, seed, 0.5, 0.1)
-        record["to_target"] = {"images": images, "minutes": None if images is None else 1.0}
+        reached = epochs is not None
+        record["to_target"] = {
+            "epochs": epochs,
+            "images": epochs * 10 if reached else None,
+            "minutes": 1.0 if reached else None,
+        }
         return record
 
     runs = [run("fast", s, 100 + s) for s in range(3)] + [
@@ -173,9 +179,10 @@ def test_time_to_target_is_aggregated_reported_and_compared_only_when_all_reache
     ]
     runs += [run("never", 0, None), run("never", 1, 300), run("never", 2, 310)]
     summary = aggregate(runs, ["fast", "slow", "never"])
-    assert summary["fast"]["images_to_target"] == (101.0, 1.0, 3)
-    assert summary["never"]["images_to_target"][2] == 2  # the run that never got there is out
-    fast_slow, fast_never = compare(runs, [("fast", "slow"), ("fast", "never")], "images_to_target")
+    assert summary["fast"]["epochs_to_target"] == (101.0, 1.0, 3)
+    assert summary["fast"]["images_to_target"] == (1010.0, 10.0, 3)
+    assert summary["never"]["epochs_to_target"][2] == 2  # the run that never got there is out
+    fast_slow, fast_never = compare(runs, [("fast", "slow"), ("fast", "never")], "epochs_to_target")
     assert fast_slow["difference"] == pytest.approx(-101.0) and fast_slow["p"] < 0.001
     assert fast_never["p"] is None and not fast_never["exceeds_seed_spread"]
 
@@ -184,10 +191,10 @@ def test_time_to_target_is_aggregated_reported_and_compared_only_when_all_reache
     report = (write_report(tmp_path / "t", results, [("fast", "slow"), ("fast", "never")])
               / "report.md").read_text()  # fmt: skip
     assert "## Time to a validation mean IU of 0.6" in report
-    assert "| fast | 3/3 | 101 ± 1 | 1.00 ± 0.00 |" in report
-    assert "| never | 2/3 | 305 ± 7 |" in report
-    assert "| fast | slow | images_to_target | -101.0 |" in report
-    assert "| fast | never | images_to_target | - | - | - | - | n/a (a run never reached" in report
+    assert "| fast | 3/3 | 101.00 ± 1.00 | 1010 ± 10 | 1.00 ± 0.00 |" in report
+    assert "| never | 2/3 | 305.00 ± 7.07 | 3050 ± 71 |" in report
+    assert "| fast | slow | epochs_to_target | -101.00 |" in report
+    assert "| fast | never | epochs_to_target | - | - | - | - | n/a (a run never reached" in report
 
 
 def fake_run(setting, seed, mean_iu, pole):
@@ -206,7 +213,12 @@ def fake_run(setting, seed, mean_iu, pole):
         },
         "stage_mean_iu": {"fcn32s": mean_iu / 2 + 0.001 * seed, "fcn8s": mean_iu},
         "train_minutes": 1.0 + seed,
-        "curve": {"images_seen": [4, 8], "minutes": [0.5, 1.0 + seed], "val_mean_iu": [0.1, 0.2]},
+        "curve": {
+            "epochs": [1.0, 2.0],
+            "images_seen": [4, 8],
+            "minutes": [0.5, 1.0 + seed],
+            "val_mean_iu": [0.1, 0.2],
+        },
     }
 
 
@@ -236,7 +248,8 @@ def test_aggregate_compare_and_report_files(tmp_path):
     assert "| frozen | 0.2560 ± 0.0056 | 0.5100 ± 0.0100 |" in report
     assert "| frozen | interp | fcn32s mean_iu | 0.0500 |" in report
     assert "fcn8s mean_iu" not in report  # the scored variant is compared once
-    for png in ("per_class_iu.png", "val_mean_iu_vs_images.png", "val_mean_iu_vs_minutes.png"):
+    pngs = ("per_class_iu.png", "val_mean_iu_vs_images.png", "val_mean_iu_vs_minutes.png")
+    for png in (*pngs, "val_mean_iu_vs_epochs.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
