@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from fcn_pipeline.errors import PipelineError
+from fcn_pipeline.errors import ConfigError, PipelineError
 
 
 def _ingest(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
@@ -56,9 +56,17 @@ def _study(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     from fcn_pipeline.study import load_study
 
     load_study(args.study_file, args.params)  # refuse bad input before Prefect starts
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: run at least one experiment at a time")
+    if args.jobs > 1:  # lanes are clones of HEAD: refuse uncommitted changes up front
+        from flows.study_driver import check_committed
+
+        check_committed(os.getcwd())
     from flows.study import study_flow
 
-    return study_flow(study_file=args.study_file, params_file=args.params, reports=args.reports)
+    return study_flow(
+        study_file=args.study_file, params_file=args.params, reports=args.reports, jobs=args.jobs
+    )
 
 
 def _add_ingest(stages: Any) -> None:
@@ -138,6 +146,14 @@ def _add_study(stages: Any) -> None:
     )
     study.add_argument("study_file", metavar="STUDY_FILE", help="studies/<name>.yaml")
     study.add_argument("--reports", default="reports", help="writes REPORTS/<study>/")
+    study.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="experiments at a time, each in a clone of HEAD beside the project with "
+        "cores/N torch threads (default 1: one after the other, in the workspace)",
+    )
     study.set_defaults(run=_study)
 
 

@@ -140,8 +140,11 @@ def _stage_error_lines(section: list[str]) -> list[str]:
     return section[-20:]
 
 
-def run_dvc(command: list[str], project_dir: str, logger: Logger) -> dict[str, Any]:
-    """Run ``dvc <command>`` in ``project_dir``, streaming its output into ``logger``.
+def run_dvc(
+    command: list[str], project_dir: str, logger: Logger, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``dvc <command>`` in ``project_dir``, streaming its output into ``logger``
+    (``env``: variables set on top of :func:`subprocess_env`).
 
     Raises :class:`DvcStageError` naming the failing stage (the one running when
     DVC exited non-zero) and its error lines. Returns :meth:`DvcRun.as_dict`.
@@ -155,7 +158,7 @@ def run_dvc(command: list[str], project_dir: str, logger: Logger) -> dict[str, A
     with subprocess.Popen(
         argv,
         cwd=project_dir,
-        env=subprocess_env(),
+        env={**subprocess_env(), **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -30,11 +30,26 @@ def tiny_project(project: Path) -> None:
     subprocess.run(["git", "commit", "-qam", "tiny"], cwd=project, check=True)
 
 
-def study(project: Path, env: dict, name: str = "tiny") -> subprocess.CompletedProcess:
+def study(
+    project: Path, env: dict, name: str = "tiny", *options: str
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["fcn-pipeline", "study", f"studies/{name}.yaml"],
+        ["fcn-pipeline", "study", f"studies/{name}.yaml", *options],
         cwd=project, env=env, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
+
+
+TINY_STUDY = {
+    "base": ["epochs.fcn8s=1"],
+    "settings": {"frozen": ["train.upsample=frozen"], "interp": ["train.upsample=interp"]},
+    "seeds": [0, 1],
+    "large_object_share": 0.4,
+}
+
+
+def write_study(project: Path, name: str, content: dict) -> None:
+    (project / "studies").mkdir(exist_ok=True)
+    (project / "studies" / f"{name}.yaml").write_text(yaml.safe_dump(content))
 
 
 def exp_refs(project: Path) -> dict[str, str]:
@@ -53,20 +68,7 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(
 ):
     env = project_env(prefect_api_url)
     tiny_project(project_copy)
-    (project_copy / "studies").mkdir(exist_ok=True)
-    (project_copy / "studies" / "tiny.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "base": ["epochs.fcn8s=1"],
-                "settings": {
-                    "frozen": ["train.upsample=frozen"],
-                    "interp": ["train.upsample=interp"],
-                },
-                "seeds": [0, 1],
-                "large_object_share": 0.4,
-            }
-        )
-    )
+    write_study(project_copy, "tiny", TINY_STUDY)
     params_before = (project_copy / "params.yaml").read_bytes()
     run = study(project_copy, env)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -100,6 +102,7 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(
         # One epoch per stage: three validation points, images accumulate over stages.
         assert len(entry["curve"]["val_mean_iu"]) == 3
         assert entry["curve"]["images_seen"] == [4, 8, 12]
+        assert entry["curve"]["epochs"] == [1, 2, 3]
     # The seeds really differ: not every frozen run scores the same.
     frozen = [r["metrics"]["pixel_acc"] for r in results["runs"][:2]]
     assert frozen[0] != frozen[1]
@@ -108,6 +111,7 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(
     assert "| frozen | interp | fcn32s mean_iu |" in markdown
     assert {p.name for p in report.glob("*.png")} == {
         "per_class_iu.png", "val_mean_iu_vs_images.png", "val_mean_iu_vs_minutes.png",
+        "val_mean_iu_vs_epochs.png",
     }  # fmt: skip
 
     # Resuming: every experiment exists, none runs again, the report is rewritten.
@@ -159,3 +163,51 @@ def test_bad_study_file_is_refused_before_any_experiment(project_copy, content, 
         ["git", "status", "--porcelain"], cwd=project_copy, capture_output=True, text=True
     ).stdout.split("\n")  # fmt: skip
     assert [line for line in changed if line and "studies/" not in line] == []
+
+
+def lanes_beside(project: Path) -> list[Path]:
+    return sorted(project.parent.glob(f".{project.name}.study-lane-*"))
+
+
+@pytest.mark.slow
+def test_jobs_two_runs_the_experiments_in_lanes_and_the_project_lists_them(
+    project_copy, prefect_api_url
+):
+    env = project_env(prefect_api_url)
+    tiny_project(project_copy)
+    write_study(project_copy, "tiny", TINY_STUDY)
+    params_before = (project_copy / "params.yaml").read_bytes()
+    run = study(project_copy, env, "tiny", "--jobs", "2")
+    assert run.returncode == 0, run.stdout + run.stderr
+    output = run.stdout + run.stderr
+    assert "4 experiments, 2 at a time" in output and "'OMP_NUM_THREADS'" in output
+    # Every experiment is the project's now, under its HEAD; the lanes are gone.
+    assert sorted(exp_refs(project_copy)) == RUNS
+    assert lanes_beside(project_copy) == []
+    assert (project_copy / "params.yaml").read_bytes() == params_before
+    results = json.loads((project_copy / "reports" / "tiny" / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == RUNS
+    assert all(0.0 <= r["metrics"]["mean_iu"] <= 1.0 for r in results["runs"])
+    assert all(r["curve"]["images_seen"] == [4, 8, 12] for r in results["runs"])
+    # The models of a lane's experiment are in the project's DVC cache: it applies here.
+    applied = subprocess.run(
+        ["dvc", "exp", "apply", RUNS[-1]], cwd=project_copy, env=env, capture_output=True, text=True
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert (project_copy / "models" / "fcn8s" / "model.pt").stat().st_size > 0
+    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=project_copy, check=True)
+
+    again = study(project_copy, env, "tiny", "--jobs", "2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (again.stdout + again.stderr).count("already in dvc exp show, skipped") == 4
+
+
+def test_jobs_two_refuses_uncommitted_tracked_changes_before_any_lane(project_copy):
+    write_study(project_copy, "tiny", TINY_STUDY)
+    params = project_copy / "params.yaml"
+    params.write_text(params.read_text() + "\n")  # tracked, not committed
+    env = project_env("http://127.0.0.1:9/api")  # no server: nothing may reach Prefect
+    run = study(project_copy, env, "tiny", "--jobs", "2")
+    assert run.returncode != 0
+    assert "params.yaml differ from HEAD: commit them" in run.stderr, run.stderr[-2000:]
+    assert lanes_beside(project_copy) == [] and exp_refs(project_copy) == {}
