@@ -191,10 +191,16 @@ def fetch_experiments(project_dir: str, lane: Path) -> list[str]:
 @contextmanager
 def lanes(project_dir: str, jobs: int, logger: Logger) -> Iterator[list[str]]:
     """``jobs`` lanes for the block; on the way out (also after a failure) every lane's
-    experiments are fetched into the project and the lane is removed."""
+    experiments are fetched into the project and the lane is removed. A lane a killed
+    study left behind gives up its finished experiments before it is made afresh."""
     paths = lane_paths(project_dir, jobs)
     try:
         for path in paths:
+            if (path / ".git").exists():  # a killed study's lane: keep what it finished
+                fetched = fetch_experiments(project_dir, path)
+                logger.info(
+                    "lane %s (left over): fetched %s", path, ", ".join(fetched) or "nothing"
+                )
             make_lane(project_dir, path)
             logger.info("lane %s: a clone of HEAD sharing the DVC cache", path)
         yield [str(path) for path in paths]

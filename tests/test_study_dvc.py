@@ -211,3 +211,32 @@ def test_jobs_two_refuses_uncommitted_tracked_changes_before_any_lane(project_co
     assert run.returncode != 0
     assert "params.yaml differ from HEAD: commit them" in run.stderr, run.stderr[-2000:]
     assert lanes_beside(project_copy) == [] and exp_refs(project_copy) == {}
+
+
+def test_a_lane_left_by_a_killed_study_gives_up_its_experiments_first(project_copy):
+    import logging
+
+    from flows.study_driver import lane_paths, lanes
+
+    def git(cwd, *args):
+        return subprocess.run(
+            ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    # A lane as a killed `--jobs 2` study leaves it: a clone with a finished experiment.
+    [left, _] = lane_paths(str(project_copy), 2)
+    git(project_copy.parent, "clone", "-q", str(project_copy), str(left))
+    (left / "metrics").mkdir(exist_ok=True)
+    (left / "metrics" / "fcn8s.json").write_text('{"mean_iu": 0.5}\n')
+    git(left, "add", "metrics/fcn8s.json")
+    git(left, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "experiment")
+    head = git(project_copy, "rev-parse", "HEAD")
+    ref = f"refs/exps/{head[:2]}/{head[2:]}/s-a-s0"
+    git(left, "update-ref", ref, "HEAD")
+
+    with lanes(str(project_copy), 2, logging.getLogger("test")) as made:
+        assert made == [str(path) for path in lane_paths(str(project_copy), 2)]
+        assert git(left, "for-each-ref", "refs/exps") == ""  # made afresh from HEAD
+        assert git(left, "rev-parse", "HEAD") == head
+    assert git(project_copy, "show", f"{ref}:metrics/fcn8s.json") == '{"mean_iu": 0.5}'
+    assert lanes_beside(project_copy) == []
