@@ -14,8 +14,8 @@ With ``jobs`` > 1 the experiments run in *lanes*: clones of HEAD beside the proj
 (``<parent>/.<project>.study-lane-<i>``: siblings, so a relative ``data.root`` such
 as ``../datasets/camvid`` means the same there), sharing the project's DVC cache
 (and so its run cache), each experiment with ``cores / jobs`` torch threads. Their
-experiment refs are fetched into the project as each lane finishes, then the lanes
-are removed: ``dvc exp show`` lists them as if they had run in the workspace. Small
+experiment refs are fetched into the project once all have run (or one failed), then
+the lanes are removed: ``dvc exp show`` lists them as if they had run in the workspace. Small
 nets use threads poorly: two one-thread lanes on two cores train about twice as
 many images per second as one two-thread run.
 """
@@ -63,6 +63,12 @@ def list_experiments(project_dir: str) -> dict[str, dict[str, Any]]:
     return found
 
 
+def _named(paths: list[str]) -> str:
+    """The first three of ``paths``, and how many more."""
+    more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+    return ", ".join(paths[:3]) + more
+
+
 def check_index(project_dir: str) -> None:
     """Refuse to start while the git index holds staged changes.
 
@@ -80,12 +86,11 @@ def check_index(project_dir: str) -> None:
         raise PipelineError(f"{project_dir}: not a git work tree ({result.stderr.strip()})")
     staged = result.stdout.split()
     if staged:
-        shown = ", ".join(staged[:3]) + (f" and {len(staged) - 3} more" if len(staged) > 3 else "")
         raise PipelineError(
-            f"{project_dir}: the git index has staged changes ({shown}), which dvc exp run "
-            "cannot stash and apply again; an interrupted experiment leaves them. Commit them, "
-            "or unstage them with `git reset` (files stay as they are), then run the study "
-            "again: finished experiments are skipped"
+            f"{project_dir}: the git index has staged changes ({_named(staged)}), which "
+            "dvc exp run cannot stash and apply again; an interrupted experiment leaves "
+            "them. Commit them, or unstage them with `git reset` (files stay as they are), "
+            "then run the study again: finished experiments are skipped"
         )
 
 
@@ -127,12 +132,10 @@ def check_committed(project_dir: str) -> None:
     changed = [line[3:] for line in _git(project_dir, "status", "--porcelain",
                                           "--untracked-files=no").splitlines()]  # fmt: skip
     if changed:
-        shown = ", ".join(changed[:3]) + (
-            f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-        )
         raise PipelineError(
-            f"{project_dir}: jobs > 1 runs the experiments in clones of HEAD, but {shown} "
-            "differ from HEAD: commit them (or run with one job, in the workspace)"
+            f"{project_dir}: jobs > 1 runs the experiments in clones of HEAD, but "
+            f"{_named(changed)} differ from HEAD: commit them (or run with one job, in the "
+            "workspace)"
         )
 
 
@@ -148,9 +151,20 @@ def lane_paths(project_dir: str, jobs: int) -> list[Path]:
     return [project.parent / f".{project.name}.study-lane-{i}" for i in range(jobs)]
 
 
-def make_lane(project_dir: str, lane: Path) -> None:
+def dvc_cache_dir(project_dir: str) -> str:
+    """The project's DVC cache directory, absolute."""
+    cache = subprocess.run(
+        [_executable("dvc"), "cache", "dir"], cwd=project_dir, env=subprocess_env(),
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if cache.returncode != 0:
+        raise PipelineError(f"{project_dir}: dvc cache dir failed: {cache.stderr.strip()}")
+    return str(Path(cache.stdout.strip()).resolve())
+
+
+def make_lane(project_dir: str, lane: Path, cache: str) -> None:
     """A clone of the project's HEAD at ``lane`` (objects shared with the project) with
-    the project's git identity, DVC local config and DVC cache."""
+    the project's git identity and DVC local config, using the DVC cache ``cache``."""
     project = Path(project_dir).resolve()
     shutil.rmtree(lane, ignore_errors=True)  # one a killed study left behind
     head = _git(project, "rev-parse", "HEAD").strip()
@@ -163,14 +177,8 @@ def make_lane(project_dir: str, lane: Path) -> None:
     local = project / ".dvc" / "config.local"
     if local.is_file():
         shutil.copy2(local, lane / ".dvc" / "config.local")
-    cache = subprocess.run(
-        [_executable("dvc"), "cache", "dir"], cwd=project, env=subprocess_env(),
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if cache.returncode != 0:
-        raise PipelineError(f"{project}: dvc cache dir failed: {cache.stderr.strip()}")
     subprocess.run(
-        [_executable("dvc"), "cache", "dir", "--local", str(Path(cache.stdout.strip()).resolve())],
+        [_executable("dvc"), "cache", "dir", "--local", cache],
         cwd=lane, env=subprocess_env(), capture_output=True, text=True, check=True,
     )  # fmt: skip
 
@@ -194,21 +202,22 @@ def lanes(project_dir: str, jobs: int, logger: Logger) -> Iterator[list[str]]:
     experiments are fetched into the project and the lane is removed. A lane a killed
     study left behind gives up its finished experiments before it is made afresh."""
     paths = lane_paths(project_dir, jobs)
+
+    def collect(path: Path, which: str) -> None:
+        if (path / ".git").exists():
+            fetched = fetch_experiments(project_dir, path)
+            logger.info("%s %s: fetched %s", which, path, ", ".join(fetched) or "nothing")
+
     try:
+        cache = dvc_cache_dir(project_dir)
         for path in paths:
-            if (path / ".git").exists():  # a killed study's lane: keep what it finished
-                fetched = fetch_experiments(project_dir, path)
-                logger.info(
-                    "lane %s (left over): fetched %s", path, ", ".join(fetched) or "nothing"
-                )
-            make_lane(project_dir, path)
-            logger.info("lane %s: a clone of HEAD sharing the DVC cache", path)
+            collect(path, "lane left over")  # a killed study's lane: keep what it finished
+            make_lane(project_dir, path, cache)
+            logger.info("lane %s: a clone of HEAD sharing the DVC cache %s", path, cache)
         yield [str(path) for path in paths]
     finally:
         for path in paths:
-            if (path / ".git").exists():
-                fetched = fetch_experiments(project_dir, path)
-                logger.info("lane %s: fetched %s", path, ", ".join(fetched) or "nothing")
+            collect(path, "lane")
             shutil.rmtree(path, ignore_errors=True)
 
 
