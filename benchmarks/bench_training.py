@@ -13,24 +13,36 @@ copy ingested into a temporary directory):
 Training is not bound by loading when the loader's images/s is well above the step's,
 and the epoch's wait share is small.
 
+4. **kernels** (``--compare-kernels``, for CUDA): real epochs under the kernel settings
+   training used before (deterministic algorithms, no cuDNN autotuning, the loss read
+   back after every step), under :func:`fcn_pipeline.runtime.kernel_settings` with the
+   loss read every ``LOSS_CHECK_STEPS`` steps (what training does now on CUDA), and
+   with each change alone; the last of ``--epochs`` epochs of each case is timed.
+
     .venv/bin/python benchmarks/bench_training.py            # ~1-2 min on a 2-core CPU
     .venv/bin/python benchmarks/bench_training.py --width 0.125 --batch-size 4
+    python benchmarks/bench_training.py --device cuda --width 1.0 --batch-size 4 \
+        --synthetic 360x480 --images 160 --compare-kernels   # a GPU, CamVid's size
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from fcn_pipeline.config import DataParams, TrainParams, load_params
+from fcn_pipeline import training
+from fcn_pipeline.config import DataParams, SyntheticParams, TrainParams, load_params
 from fcn_pipeline.data import SegmentationDataset, train_loader
 from fcn_pipeline.losses import segmentation_loss
 from fcn_pipeline.models import build_fcn, parameter_groups
-from fcn_pipeline.runtime import autocast, resolve_device
+from fcn_pipeline.runtime import autocast, kernel_settings, resolve_device
 from fcn_pipeline.training import build_criterion, build_scheduler, train_one_epoch
 
 
@@ -72,6 +84,74 @@ def step_throughput(
     return images / (time.perf_counter() - start)
 
 
+@contextmanager
+def kernels_before(device: torch.device) -> Iterator[None]:
+    """The kernel settings training ran under before ``kernel_settings``: deterministic
+    algorithms (warnings only on CUDA) and cuDNN's default heuristics, no autotuning."""
+    was = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0])
+        torch.backends.cudnn.benchmark = was[1]
+
+
+def compare_kernels(run_epoch, device: torch.device, epochs: int) -> list[dict]:
+    """Images/s of the last of ``epochs`` real epochs under each kernel setting."""
+    now = training.LOSS_CHECK_STEPS
+    cases = [
+        ("before: deterministic, loss read every step", kernels_before, 1),
+        (f"deterministic, loss read every {now} steps", kernels_before, now),
+        ("autotuned, loss read every step", kernel_settings, 1),
+        (f"now: autotuned, loss read every {now} steps", kernel_settings, now),
+    ]
+    baseline, results = None, []
+    for name, settings, steps in cases:
+        with settings(device):
+            for _ in range(epochs):
+                stats = run_epoch(steps)
+        rate = stats.images_per_second
+        baseline = baseline or rate
+        wait = stats.data_seconds / stats.seconds
+        print(
+            f"kernels {name:<44} {rate:8.1f} images/s  x{rate / baseline:.2f}  "
+            f"({100 * wait:.1f}% waiting for data)"
+        )
+        results.append(
+            {
+                "case": name,
+                "loss_check_steps": steps,
+                "images_per_second": rate,
+                "speedup_vs_before": rate / baseline,
+                "data_wait_share": wait,
+            }
+        )
+    return results
+
+
+def profile_epoch(run_epoch, device: torch.device, rows: int = 18) -> None:
+    """One more epoch as training runs now, under torch.profiler: the ops that took the
+    most device time (CUDA) and the most host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with kernel_settings(device), profile(activities=activities) as prof:
+        run_epoch()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    keys = ["self_cpu_time_total"]
+    if device.type == "cuda":
+        keys.insert(0, "self_cuda_time_total")
+    for key in keys:
+        print(f"profile, top ops by {key}:")
+        print(table.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=None, help="ingested dataset (default data/ingested)")
@@ -80,22 +160,41 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
     parser.add_argument("--workers", type=int, default=None, help="default: train.workers")
     parser.add_argument("--steps", type=int, default=12, help="timed training steps")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--synthetic", default=None, metavar="HxW", help="ingest a synthetic set of this size"
+    )
+    parser.add_argument("--images", type=int, default=160, help="--synthetic: train images")
+    parser.add_argument(
+        "--compare-kernels", action="store_true", help="time epochs under each kernel setting"
+    )
+    parser.add_argument("--epochs", type=int, default=2, help="--compare-kernels: per case")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one more epoch (now) and print its top ops"
+    )
     args = parser.parse_args()
 
     defaults = load_params("params.yaml").train if Path("params.yaml").exists() else TrainParams()
     width = args.width or defaults.width
     batch_size = args.batch_size or defaults.batch_size
     workers = defaults.workers if args.workers is None else args.workers
-    device = resolve_device("auto")
+    device = resolve_device(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data or "data/ingested")
-        if not (data / "dataset.json").exists():
+        if args.synthetic or not (data / "dataset.json").exists():
             from fcn_pipeline.ingest import ingest
 
+            data_params = DataParams()
+            if args.synthetic:
+                height, width_px = (int(n) for n in args.synthetic.lower().split("x"))
+                splits = {"train": args.images, "val": 1, "test": 1}
+                synthetic = SyntheticParams(height=height, width=width_px, splits=splits)
+                data_params = DataParams(synthetic=synthetic)
             data = Path(tmp) / "ingested"
-            print(f"ingesting the default synthetic dataset into {data} ...")
-            ingest(DataParams(), data)
+            print(f"ingesting a synthetic dataset into {data} ...")
+            ingest(data_params, data)
         dataset = SegmentationDataset(data, "train")
         height, width_px = dataset.sizes[0]
         print(
@@ -103,10 +202,25 @@ def main() -> None:
             f"images of {height}x{width_px} from {data}; {args.variant}, width {width}, "
             f"batch {batch_size}"
         )
+        figures: dict = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "settings": {
+                "variant": args.variant,
+                "width": width,
+                "batch_size": batch_size,
+                "workers": workers,
+                "images": len(dataset),
+                "height": height,
+                "width_px": width_px,
+            },
+            "loader_images_per_second": {},
+        }
 
         # 1. The loader alone.
         for n in sorted({0, workers}):
             rate = loader_throughput(dataset, batch_size, n)
+            figures["loader_images_per_second"][str(n)] = rate
             print(f"loader  workers={n}: {rate:8.1f} images/s (read + decode + collate)")
 
         # 2. Training steps alone, on batches already decoded.
@@ -119,21 +233,51 @@ def main() -> None:
             batches.append(batch)
             if len(batches) == args.steps + 2:
                 break
-        step_rate = step_throughput(model, batches, optimizer, device)
+        with kernel_settings(device):
+            step_rate = step_throughput(model, batches, optimizer, device)
+        figures["step_images_per_second"] = step_rate
         print(f"step    in memory:  {step_rate:8.1f} images/s (forward + backward + update)")
 
         # 3. One real epoch: loader and steps together.
         params = TrainParams(
             data=str(data), width=width, batch_size=batch_size, workers=workers, device="auto"
         )
-        loader = train_loader(dataset, batch_size, seed=1, workers=workers, drop_last=True)
+        loader = train_loader(
+            dataset,
+            batch_size,
+            seed=1,
+            workers=workers,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+        )
         criterion = build_criterion(params, dataset.meta.class_names, model.output_stride)
-        scheduler = build_scheduler(optimizer, params, len(loader))
-        stats = train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch=1)
+        epochs = 1 + (4 * args.epochs if args.compare_kernels else 0)
+        scheduler = build_scheduler(optimizer, params, len(loader) * epochs)
+
+        def run_epoch(loss_check_steps: int | None = None) -> training.EpochStats:
+            return train_one_epoch(
+                model, criterion, optimizer, scheduler, loader, device, 1,
+                loss_check_steps=loss_check_steps,
+            )  # fmt: skip
+
+        with kernel_settings(device):
+            stats = run_epoch()
+        figures["epoch"] = {
+            "images_per_second": stats.images_per_second,
+            "data_wait_share": stats.data_seconds / stats.seconds,
+        }
         print(
             f"epoch   workers={workers}: {stats.images_per_second:8.1f} images/s, "
             f"{100 * stats.data_seconds / stats.seconds:.1f}% of the time waiting for data"
         )
+
+        # 4. The kernel settings, one at a time.
+        if args.compare_kernels:
+            figures["kernels"] = compare_kernels(run_epoch, device, args.epochs)
+        if args.profile:
+            profile_epoch(run_epoch, device)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

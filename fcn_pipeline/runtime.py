@@ -2,9 +2,10 @@
 and the prediction loop shared by validation (training) and evaluation.
 
 On CUDA the nets run under bfloat16 autocast with channels_last tensors (cuDNN's
-fast path); on the CPU in float32, channels_last too (oneDNN's NHWC convolutions
-train the default width-0.0625 FCN-8s 1.24x faster and predict 1.4-1.7x faster),
-with deterministic kernels so that the same params and seed give the same weights.
+fast path), cuDNN's autotuner choosing each convolution's algorithm; on the CPU in
+float32, channels_last too (oneDNN's NHWC convolutions train the default width-0.0625
+FCN-8s 1.24x faster and predict 1.4-1.7x faster), with deterministic kernels so that
+the same params and seed give the same weights.
 """
 
 from __future__ import annotations
@@ -49,17 +50,27 @@ def torch_threads(threads: int = 0) -> Iterator[None]:
 
 
 @contextmanager
-def deterministic(device: torch.device, threads: int = 0) -> Iterator[None]:
-    """Deterministic kernels (CPU always; CUDA where PyTorch has them) and ``threads``
-    CPU threads, both restored afterwards."""
+def kernel_settings(device: torch.device, threads: int = 0) -> Iterator[None]:
+    """How training runs its kernels, restored afterwards: on the CPU deterministic
+    kernels and ``threads`` CPU threads, so that the same params and seed give the same
+    weights; on CUDA cuDNN's autotuner (``torch.backends.cudnn.benchmark``) over all of
+    its algorithms. A CUDA run is not bit-for-bit repeatable anyway (bfloat16 autocast,
+    atomic adds in the backward pass of upsampling), and restricting cuDNN to its
+    deterministic algorithms without autotuning cost the real training step most of its
+    speed (see ``benchmarks/bench_training.py --compare-kernels``)."""
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    was_benchmark = torch.backends.cudnn.benchmark
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
     try:
         with torch_threads(threads):
             yield
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+        torch.backends.cudnn.benchmark = was_benchmark
 
 
 def autocast(device: torch.device) -> Any:
@@ -111,7 +122,7 @@ def predict_batches(
 
 __all__ = [
     "autocast",
-    "deterministic",
+    "kernel_settings",
     "predict_batches",
     "resolve_device",
     "seed_everything",

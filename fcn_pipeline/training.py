@@ -74,12 +74,15 @@ from fcn_pipeline.metrics import segmentation_scores
 from fcn_pipeline.models import build_fcn, init_from_coarser, parameter_groups
 from fcn_pipeline.runtime import (
     autocast,
-    deterministic,
+    kernel_settings,
     predict_batches,
     resolve_device,
     seed_everything,
     to_device,
 )
+
+# Steps between two reads of the training loss on CUDA (each one a synchronisation).
+LOSS_CHECK_STEPS = 32
 
 # Staged training: each variant starts from the trained model of the coarser one.
 COARSER = {"fcn16s": "fcn32s", "fcn8s": "fcn16s"}
@@ -229,20 +232,44 @@ def train_one_epoch(
     epoch: int,
     *,
     hflip: bool = False,
+    loss_check_steps: int | None = None,
 ) -> EpochStats:
     """One pass over ``loader``: forward, loss, backward, optimizer and scheduler step
     (``hflip``: each image mirrored with probability 1/2 first).
 
-    Raises :class:`TrainingDivergedError` naming the step and learning rate as soon
-    as the loss is NaN or infinite.
+    The losses are read back every ``loss_check_steps`` steps (default: every step on
+    the CPU, ``LOSS_CHECK_STEPS`` on CUDA, where each read is a synchronisation that
+    would leave the device idle while the host queues the next step). Raises
+    :class:`TrainingDivergedError` naming the step and learning rate of the first NaN
+    or infinite loss, at the read that finds it.
     """
     from tqdm import tqdm
 
     variant = getattr(model, "module", model).variant  # under DistributedDataParallel
     model.train()
     total_loss, images, data_seconds, lr = 0.0, 0, 0.0, optimizer.param_groups[0]["lr"]
+    if loss_check_steps is None:
+        loss_check_steps = 1 if device.type == "cpu" else LOSS_CHECK_STEPS
+    pending: list[tuple[torch.Tensor, int, int, float, int]] = []  # loss, step, batch, lr, n
     start = tick = time.perf_counter()
     bar = tqdm(loader, desc=f"{variant} epoch {epoch}", leave=False, disable=not show_progress())
+
+    def settle() -> None:
+        """Read the pending losses back; raise at the first one that is not finite."""
+        nonlocal total_loss
+        values = torch.stack([entry[0] for entry in pending]).tolist()
+        for value, (_, step, batch_index, step_lr, count) in zip(values, pending, strict=True):
+            if not math.isfinite(value):
+                raise TrainingDivergedError(
+                    f"{variant}: loss is {value} at step {step} (epoch {epoch}, batch "
+                    f"{batch_index}) with learning rate {step_lr:.3g}; lower train.lr"
+                )
+            total_loss += value * count
+        pending.clear()
+        bar.set_postfix(
+            loss=f"{values[-1]:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}"
+        )
+
     for i, batch in enumerate(bar):
         data_seconds += time.perf_counter() - tick
         lr = optimizer.param_groups[0]["lr"]
@@ -253,21 +280,18 @@ def train_one_epoch(
         with autocast(device):
             logits = model(x)
         loss = criterion(logits, y)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise TrainingDivergedError(
-                f"{variant}: loss is {value} at step {scheduler.last_epoch} (epoch "
-                f"{epoch}, batch {i}) with learning rate {lr:.3g}; lower train.lr"
-            )
+        images += len(batch.ids)
+        pending.append((loss.detach(), scheduler.last_epoch, i, lr, len(batch.ids)))
+        if len(pending) >= loss_check_steps:
+            settle()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         distributed.exit_if_test_kills()
-        total_loss += value * len(batch.ids)
-        images += len(batch.ids)
-        bar.set_postfix(loss=f"{value:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}")
         tick = time.perf_counter()
+    if pending:
+        settle()
     # Over all ranks: the mean loss of every image of the epoch, and all images seen.
     totals = distributed.all_reduce_sum(torch.tensor([total_loss, float(images)]))
     total_loss, images = float(totals[0]), int(totals[1])
@@ -524,7 +548,7 @@ def _train(
         f"images per process per step, global batch {params.batch_size}"
     )
 
-    with deterministic(device, params.threads):
+    with kernel_settings(device, params.threads):
         seed_everything(params.seed)  # the same initial weights on every rank
         model = build_model(params, net, data.class_names, init_path, log)
         model.to(device, memory_format=torch.channels_last)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness check: one command, at most 9 minutes on one GPU, run whenever a GPU
+# GPU readiness check: one command, at most 9.5 minutes on one GPU, run whenever a GPU
 # machine is lent. From the repository root:
 #
 #   bash scripts/gpu-check.sh              # on the GPU machine
@@ -16,6 +16,11 @@
 #   benchmark  benchmarks/bench_gpu.py: FCN-8s train step, width 1.0, 375x500, batch 1
 #              and 8, bf16 + channels_last next to fp32 NCHW (CPU: tiny, fp32 NCHW vs
 #              channels_last)
+#   kernels    benchmarks/bench_training.py --compare-kernels: real training epochs
+#              (train_one_epoch) of FCN-8s, width 1.0, batch 4, 160 synthetic images of
+#              360x480, under the kernel settings training used before (deterministic
+#              cuDNN algorithms, the loss read back every step) and now (cuDNN autotuning,
+#              the loss read every 32 steps), and each change alone (CPU: tiny)
 #   train      `dvc exp run` of the whole pipeline in a temporary copy of the project
 #              (own git repo): CamVid (FCN_CAMVID_ROOT, ../shared/datasets/camvid,
 #              shared/datasets/camvid; else a synthetic set at CamVid's size), width
@@ -26,7 +31,7 @@
 # is set, else a new directory under ${TMPDIR:-/tmp}; each part's log lies beside it
 # (<name>-<part>.log).
 #
-# Options: --dry-run, --json PATH, --budget SECONDS (default 540; dry run 660),
+# Options: --dry-run, --json PATH, --budget SECONDS (default 570; dry run 720),
 #          --wheels DIR, --no-install, --camvid PATH, --keep (keep the scratch directory)
 #
 #   bash scripts/gpu-check.sh --fetch-wheels .whl
@@ -81,12 +86,13 @@ if [ -n "$fetch" ]; then
   exit 0
 fi
 
-# Per-part time limits (seconds): a GPU run fits 9 minutes when the environment is there
-# (H200, 2026-11-27: setup 50 s, tests 26 s, benchmark 112 s, train ~260 s).
+# Per-part time limits (seconds): a GPU run fits 9.5 minutes when the environment is
+# there (H200, 2026-11-27: setup 50 s, tests 26 s, benchmark 112 s, train ~260 s; the
+# kernels part, added after that run, is planned at about a minute).
 if [ "$mode" = gpu ]; then
-  budget=${budget:-540}; t_install=150; t_tests=90; t_bench=120; t_train=300
+  budget=${budget:-570}; t_install=150; t_tests=90; t_bench=120; t_kernels=90; t_train=300
 else  # a 2-core CPU: a minute or two in all when quiet, several when others share it
-  budget=${budget:-660}; t_install=150; t_tests=120; t_bench=120; t_train=300
+  budget=${budget:-720}; t_install=150; t_tests=120; t_bench=120; t_kernels=120; t_train=300
 fi
 deadline=$((SECONDS + budget))
 
@@ -222,7 +228,7 @@ run_part() {  # run_part NAME LIMIT COMMAND...: run under `timeout`, log, record
 }
 
 # 1. The cuda tests (all skipped, with the reason, without a GPU).
-run_part tests "$(part_limit "$t_tests" 180)" \
+run_part tests "$(part_limit "$t_tests" 240)" \
   "$py" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider \
   --junitxml "$work/tests-junit.xml"
 
@@ -233,10 +239,22 @@ else
   bench_args=(--device cpu --width 0.03125 --size 32x48 --batches 1,2
     --configs fp32-nchw,fp32-cl --warmup 1 --min-seconds 0.2 --max-steps 5)
 fi
-run_part benchmark "$(part_limit "$t_bench" 120)" \
+run_part benchmark "$(part_limit "$t_bench" 180)" \
   "$py" benchmarks/bench_gpu.py "${bench_args[@]}" --json "$work/benchmark.json"
 
-# 3. A short `dvc exp run` of the pipeline in a temporary copy (own git repo).
+# 3. Real training epochs under the kernel settings of before and now.
+if [ "$mode" = gpu ]; then
+  kernels_args=(--device cuda --width 1.0 --batch-size 4 --workers 6 --synthetic 360x480
+    --images 160 --epochs 2)
+else
+  kernels_args=(--device cpu --width 0.03125 --batch-size 2 --workers 0 --synthetic 48x64
+    --images 8 --epochs 1 --steps 1)
+fi
+run_part kernels "$(part_limit "$t_kernels" 120)" \
+  "$py" benchmarks/bench_training.py "${kernels_args[@]}" --compare-kernels --profile \
+  --json "$work/kernels.json"
+
+# 4. A short `dvc exp run` of the pipeline in a temporary copy (own git repo).
 limit=$(part_limit "$t_train" 5)
 exp_args=(--mode "$mode" --work "$work" --out "$work/train.json" --log "$logs-train.log"
   --limit "$((limit - 10))")

@@ -30,12 +30,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "fcn-gpu-check/1"
-PARTS = ("tests", "benchmark", "train")
+PARTS = ("tests", "benchmark", "kernels", "train")
 # Import names each part needs (the library's dependencies, then the tools).
 LIBRARY = ["torch", "numpy", "pyarrow", "PIL", "skimage", "pydantic", "yaml", "tqdm"]
 MODULES = {
     "tests": [*LIBRARY, "pytest"],
     "benchmark": LIBRARY,
+    "kernels": LIBRARY,
     "train": [*LIBRARY, "matplotlib", "dvc", "dvclive", "prefect"],
 }
 TODO = [
@@ -395,6 +396,9 @@ def check_part(part: str, record: dict[str, Any], mode: str, warnings: list[str]
                      for c in cases if c["status"] != "ok"]  # fmt: skip
         if not any(c["status"] == "ok" and c["images_per_second"] > 0 for c in cases):
             reason = "no benchmark case measured"
+    elif part == "kernels":
+        if not any(c["images_per_second"] > 0 for c in (results or {}).get("kernels", [])):
+            reason = "no kernel setting measured"
     elif not (results or {}).get("variants"):
         reason = "no DVCLive metrics written"
     if reason:
@@ -421,6 +425,8 @@ def merge(args: argparse.Namespace) -> int:
             record["counts"] = junit_counts(work / "tests-junit.xml")
         elif part == "benchmark":
             record["results"] = read_json(work / "benchmark.json")
+        elif part == "kernels":
+            record["results"] = read_json(work / "kernels.json")
         else:
             record["results"] = read_json(work / "train.json")
             report["warnings"] += (record["results"] or {}).get("warnings", [])

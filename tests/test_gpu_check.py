@@ -49,7 +49,7 @@ def test_dry_run_passes_and_writes_every_figure(tmp_path):
     assert report["schema"] == "fcn-gpu-check/1" and report["mode"] == "dry-run"
     assert report["failed"] == [] and any("DDP" in line for line in report["todo"])
     assert report["environment"]["python"] and report["environment"]["torch"]
-    assert set(report["parts"]) == {"tests", "benchmark", "train"}
+    assert set(report["parts"]) == {"tests", "benchmark", "kernels", "train"}
     for part in report["parts"].values():
         assert part["status"] == "passed" and Path(part["log"]).is_file()
 
@@ -68,6 +68,14 @@ def test_dry_run_passes_and_writes_every_figure(tmp_path):
     assert cases[(1, "fp32-nchw")]["speedup_vs_baseline"] == 1.0
     # The FLOP count grows with the batch.
     assert cases[(2, "fp32-cl")]["flops_per_step"] == 2 * cases[(1, "fp32-cl")]["flops_per_step"]
+
+    kernels = report["parts"]["kernels"]["results"]
+    assert kernels["settings"]["images"] == 8 and kernels["step_images_per_second"] > 0
+    cases = [case["case"] for case in kernels["kernels"]]
+    assert cases[0].startswith("before") and cases[-1].startswith("now") and len(cases) == 4
+    assert [case["loss_check_steps"] for case in kernels["kernels"]] == [1, 32, 1, 32]
+    assert kernels["kernels"][0]["speedup_vs_before"] == 1.0
+    assert all(case["images_per_second"] > 0 for case in kernels["kernels"])
 
     train = report["parts"]["train"]["results"]
     assert train["dvc_rc"] == 0 and train["targets"] == ["train@fcn32s"]
@@ -101,7 +109,8 @@ def test_a_part_without_time_is_recorded_as_failed(tmp_path):
     )  # fmt: skip
     assert run.returncode == 1, run.stdout + run.stderr
     report = json.loads(out.read_text())
-    assert [line.split(":")[0] for line in report["failed"]] == ["tests", "benchmark", "train"]
+    failed = [line.split(":")[0] for line in report["failed"]]
+    assert failed == ["tests", "benchmark", "kernels", "train"]
     assert all("no time left" in part["reason"] for part in report["parts"].values())
     assert "FAILED" in run.stdout
 

@@ -183,6 +183,55 @@ def test_nan_loss_stops_with_the_step_and_learning_rate(tiny_data, tmp_path, mon
     assert not (tmp_path / "fcn32s" / MODEL_FILE).exists()
 
 
+def one_epoch_setup(tiny_data: Path, tmp_path: Path) -> tuple:
+    """FCN-32s, its criterion, optimizer, scheduler and a 4-step loader (batch 2)."""
+    from fcn_pipeline.data import SegmentationDataset, train_loader
+    from fcn_pipeline.models import build_fcn
+
+    params = tiny_params(tiny_data, tmp_path, batch_size=2)
+    dataset = SegmentationDataset(tiny_data / "ingested", "train")
+    loader = train_loader(dataset, 2, seed=1, workers=0, drop_last=True)
+    torch.manual_seed(0)
+    model = build_fcn("fcn32s", dataset.num_classes, width=params.width)
+    criterion = build_criterion(params, dataset.meta.class_names, model.output_stride)
+    optimizer = training.build_optimizer(model, params)
+    scheduler = training.build_scheduler(optimizer, params, len(loader))
+    return model, criterion, optimizer, scheduler, loader
+
+
+def test_reading_the_loss_every_few_steps_changes_nothing(tiny_data, tmp_path):
+    """CUDA reads the loss back every LOSS_CHECK_STEPS steps (one synchronisation, not
+    one per step): the epoch's loss and the trained weights are those of a read per step."""
+    runs = []
+    for every in (1, 3):
+        model, criterion, optimizer, scheduler, loader = one_epoch_setup(tiny_data, tmp_path)
+        assert len(loader) == 4  # a read after step 3, and the last one at the end
+        stats = training.train_one_epoch(
+            model, criterion, optimizer, scheduler, loader, torch.device("cpu"), 1,
+            loss_check_steps=every,
+        )  # fmt: skip
+        runs.append((stats, model.state_dict()))
+    assert runs[0][0].loss == runs[1][0].loss and runs[0][0].images == runs[1][0].images == 8
+    assert state_dicts_equal(runs[0][1], runs[1][1])
+
+
+def test_a_late_read_of_the_loss_still_names_the_first_nan_step(tiny_data, tmp_path):
+    model, criterion, optimizer, scheduler, loader = one_epoch_setup(tiny_data, tmp_path)
+    calls = []
+
+    def poisoned(logits, target):  # the third step's loss is NaN
+        calls.append(len(calls))
+        loss = criterion(logits, target)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 2 \(epoch 1, batch 2\)"):
+        training.train_one_epoch(
+            model, poisoned, optimizer, scheduler, loader, torch.device("cpu"), 1,
+            loss_check_steps=4,
+        )  # fmt: skip
+    assert len(calls) == 4  # read once, after the fourth step, not after each
+
+
 def test_poly_schedule():
     assert poly_factor(0, 10, 0.9) == 1.0
     assert poly_factor(5, 10, 1.0) == 0.5
