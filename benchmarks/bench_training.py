@@ -7,17 +7,19 @@ copy ingested into a temporary directory):
    decode PNGs, normalise, pad-collate), with 0 worker processes and with ``--workers``.
 2. **step**: images/s of forward + loss + backward + optimizer steps on batches
    already in memory (the compute alone), with ``train.width`` and ``train.batch_size``.
-3. **epoch**: one real epoch through ``train_one_epoch`` (loader and steps together)
-   and the share of it spent waiting for the loader.
+3. **epoch**: one real epoch through ``train_one_epoch`` (loader and steps together,
+   images mirrored at random, the optimizer of ``build_optimizer``) and the share of
+   it spent waiting for the loader.
 
 Training is not bound by loading when the loader's images/s is well above the step's,
 and the epoch's wait share is small.
 
-4. **kernels** (``--compare-kernels``, for CUDA): real epochs under the kernel settings
-   training used before (deterministic algorithms, no cuDNN autotuning, the loss read
-   back after every step), under :func:`fcn_pipeline.runtime.kernel_settings` with the
-   loss read every ``LOSS_CHECK_STEPS`` steps (what training does now on CUDA), and
-   with each change alone; the last of ``--epochs`` epochs of each case is timed.
+4. **kernels** (``--compare-kernels``, for CUDA): real epochs as training ran before
+   on CUDA (deterministic algorithms without cuDNN autotuning, the loss read back after
+   every step, images mirrored on the host, Adam's default multi-tensor step), then with
+   each change added in turn: :func:`fcn_pipeline.runtime.kernel_settings`, the loss
+   read every ``LOSS_CHECK_STEPS`` steps, mirroring on the device, a fused optimizer
+   step (now); the last of ``--epochs`` epochs of each case is timed.
 
     .venv/bin/python benchmarks/bench_training.py            # ~1-2 min on a 2-core CPU
     .venv/bin/python benchmarks/bench_training.py --width 0.125 --batch-size 4
@@ -31,19 +33,26 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fcn_pipeline import training
 from fcn_pipeline.config import DataParams, SyntheticParams, TrainParams, load_params
-from fcn_pipeline.data import SegmentationDataset, train_loader
+from fcn_pipeline.data import Batch, SegmentationDataset, train_loader
 from fcn_pipeline.losses import segmentation_loss
 from fcn_pipeline.models import build_fcn, parameter_groups
 from fcn_pipeline.runtime import autocast, kernel_settings, resolve_device
-from fcn_pipeline.training import build_criterion, build_scheduler, train_one_epoch
+from fcn_pipeline.training import (
+    build_criterion,
+    build_optimizer,
+    build_scheduler,
+    random_hflip,
+    train_one_epoch,
+)
 
 
 def loader_throughput(dataset: SegmentationDataset, batch_size: int, workers: int) -> float:
@@ -98,31 +107,58 @@ def kernels_before(device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.benchmark = was[1]
 
 
-def compare_kernels(run_epoch, device: torch.device, epochs: int) -> list[dict]:
-    """Images/s of the last of ``epochs`` real epochs under each kernel setting."""
+@dataclass(frozen=True)
+class Case:
+    """How one epoch of the comparison trains."""
+
+    name: str
+    settings: Callable  # kernels_before or kernel_settings
+    loss_check_steps: int
+    flips: str  # "host": mirrored on the CPU before the copy (as before); "device": after
+    fused: bool  # a fused optimizer step
+
+
+def host_flipped(loader) -> Iterator:
+    """The loader's batches mirrored on the host, as training did before: the flipped
+    copies are new, pageable tensors, not the loader's pinned ones."""
+    for batch in loader:
+        images, masks = random_hflip(batch.images, batch.masks)
+        yield Batch(images, masks, batch.ids, batch.sizes)
+
+
+def kernel_cases() -> list[Case]:
+    """The changes to CUDA training one after the other, from before to now."""
     now = training.LOSS_CHECK_STEPS
-    cases = [
-        ("before: deterministic, loss read every step", kernels_before, 1),
-        (f"deterministic, loss read every {now} steps", kernels_before, now),
-        ("autotuned, loss read every step", kernel_settings, 1),
-        (f"now: autotuned, loss read every {now} steps", kernel_settings, now),
+    return [
+        Case("before: deterministic, read/step, host flips", kernels_before, 1, "host", False),
+        Case("+ cuDNN autotuning", kernel_settings, 1, "host", False),
+        Case(f"+ loss read every {now} steps", kernel_settings, now, "host", False),
+        Case("+ flips on the device", kernel_settings, now, "device", False),
+        Case("now: + fused optimizer", kernel_settings, now, "device", True),
     ]
+
+
+def compare_kernels(run_epoch, device: torch.device, epochs: int) -> list[dict]:
+    """Images/s of the last of ``epochs`` real epochs of each case of :func:`kernel_cases`
+    (the first epochs of each are warm-up, for cuDNN's autotuner among others)."""
     baseline, results = None, []
-    for name, settings, steps in cases:
-        with settings(device):
+    for case in kernel_cases():
+        with case.settings(device):
             for _ in range(epochs):
-                stats = run_epoch(steps)
+                stats = run_epoch(case)
         rate = stats.images_per_second
         baseline = baseline or rate
         wait = stats.data_seconds / stats.seconds
         print(
-            f"kernels {name:<44} {rate:8.1f} images/s  x{rate / baseline:.2f}  "
+            f"kernels {case.name:<46} {rate:8.1f} images/s  x{rate / baseline:.2f}  "
             f"({100 * wait:.1f}% waiting for data)"
         )
         results.append(
             {
-                "case": name,
-                "loss_check_steps": steps,
+                "case": case.name,
+                "loss_check_steps": case.loss_check_steps,
+                "flips": case.flips,
+                "fused": case.fused,
                 "images_per_second": rate,
                 "speedup_vs_before": rate / baseline,
                 "data_wait_share": wait,
@@ -251,13 +287,19 @@ def main() -> None:
             drop_last=True,
         )
         criterion = build_criterion(params, dataset.meta.class_names, model.output_stride)
-        epochs = 1 + (4 * args.epochs if args.compare_kernels else 0)
-        scheduler = build_scheduler(optimizer, params, len(loader) * epochs)
+        now = kernel_cases()[-1]
+        optimizers: dict[bool, tuple] = {}
 
-        def run_epoch(loss_check_steps: int | None = None) -> training.EpochStats:
+        def run_epoch(case: Case = now) -> training.EpochStats:
+            if case.fused not in optimizers:  # one optimizer (and schedule) per kind
+                optimizer = build_optimizer(model, params, fused=case.fused)
+                steps = len(loader) * (2 + 5 * args.epochs)
+                optimizers[case.fused] = optimizer, build_scheduler(optimizer, params, steps)
+            optimizer, scheduler = optimizers[case.fused]
+            host = case.flips == "host"
             return train_one_epoch(
-                model, criterion, optimizer, scheduler, loader, device, 1,
-                loss_check_steps=loss_check_steps,
+                model, criterion, optimizer, scheduler, host_flipped(loader) if host else loader,
+                device, 1, hflip=not host, loss_check_steps=case.loss_check_steps,
             )  # fmt: skip
 
         with kernel_settings(device):

@@ -16,11 +16,12 @@
 #   benchmark  benchmarks/bench_gpu.py: FCN-8s train step, width 1.0, 375x500, batch 1
 #              and 8, bf16 + channels_last next to fp32 NCHW (CPU: tiny, fp32 NCHW vs
 #              channels_last)
-#   kernels    benchmarks/bench_training.py --compare-kernels: real training epochs
-#              (train_one_epoch) of FCN-8s, width 1.0, batch 4, 160 synthetic images of
-#              360x480, under the kernel settings training used before (deterministic
-#              cuDNN algorithms, the loss read back every step) and now (cuDNN autotuning,
-#              the loss read every 32 steps), and each change alone (CPU: tiny)
+#   kernels    benchmarks/bench_training.py --compare-kernels --profile: real training
+#              epochs (train_one_epoch) of FCN-8s, width 1.0, batch 4, 160 synthetic
+#              images of 360x480, as CUDA training ran before (deterministic cuDNN
+#              algorithms, the loss read back every step, flips on the host, unfused
+#              Adam) and with each change added in turn up to now, then a profile of
+#              one epoch (CPU: tiny)
 #   train      `dvc exp run` of the whole pipeline in a temporary copy of the project
 #              (own git repo): CamVid (FCN_CAMVID_ROOT, ../shared/datasets/camvid,
 #              shared/datasets/camvid; else a synthetic set at CamVid's size), width

@@ -72,8 +72,10 @@ def test_dry_run_passes_and_writes_every_figure(tmp_path):
     kernels = report["parts"]["kernels"]["results"]
     assert kernels["settings"]["images"] == 8 and kernels["step_images_per_second"] > 0
     cases = [case["case"] for case in kernels["kernels"]]
-    assert cases[0].startswith("before") and cases[-1].startswith("now") and len(cases) == 4
-    assert [case["loss_check_steps"] for case in kernels["kernels"]] == [1, 32, 1, 32]
+    assert cases[0].startswith("before") and cases[-1].startswith("now") and len(cases) == 5
+    assert [case["loss_check_steps"] for case in kernels["kernels"]] == [1, 1, 32, 32, 32]
+    assert [case["flips"] for case in kernels["kernels"]] == ["host"] * 3 + ["device"] * 2
+    assert [case["fused"] for case in kernels["kernels"]] == [False] * 4 + [True]
     assert kernels["kernels"][0]["speedup_vs_before"] == 1.0
     assert all(case["images_per_second"] > 0 for case in kernels["kernels"])
 

@@ -232,6 +232,17 @@ def test_a_late_read_of_the_loss_still_names_the_first_nan_step(tiny_data, tmp_p
     assert len(calls) == 4  # read once, after the fourth step, not after each
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_the_optimizer_step_is_fused_on_cuda_only(tiny_data, tmp_path, optimizer):
+    """The fused step serves CUDA; on the CPU the default loop keeps runs bit-identical."""
+    from fcn_pipeline.models import build_fcn
+
+    params = tiny_params(tiny_data, tmp_path, optimizer=optimizer)
+    model = build_fcn("fcn32s", 6, width=params.width)  # on the CPU
+    assert not training.build_optimizer(model, params).defaults.get("fused")
+    assert training.build_optimizer(model, params, fused=True).defaults["fused"] is True
+
+
 def test_poly_schedule():
     assert poly_factor(0, 10, 0.9) == 1.0
     assert poly_factor(5, 10, 1.0) == 0.5
