@@ -399,6 +399,7 @@ def aggregate(runs: list[dict], settings: list[str]) -> dict[str, dict[str, Any]
             "seeds": [r["seed"] for r in mine],
             "mean_iu": mean_std([m["mean_iu"] for m in metrics]),
             "pixel_acc": mean_std([m["pixel_acc"] for m in metrics]),
+            "mean_acc": mean_std([m["mean_acc"] for m in metrics]),
             "per_class_iu": {
                 c: mean_std([m["per_class_iu"].get(c) for m in metrics]) for c in classes
             },
@@ -478,15 +479,16 @@ def report_markdown(results: dict, summary: dict, comparisons: list[dict]) -> st
     lines += [f"- dataset: {results['dataset']}; variant scored: {results['variant']}"]
     lines += [f"- runs: {len(results['runs'])} ({len(settings)} settings x seeds)"]
     lines += ["- ± is the sample standard deviation over seeds (n - 1)", ""]
-    lines += ["| setting | overrides | seeds | mean IU | pixel acc. | large-object images "
-              "| large-object mean IU | dominant-class IU | train minutes |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["| setting | overrides | seeds | mean IU | pixel acc. | mean (class) acc. "
+              "| large-object images | large-object mean IU | dominant-class IU | train minutes |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, row in summary.items():
         setting = next((r["setting"] for r in results["runs"] if r["setting_name"] == name), {})
         overrides = ", ".join(f"`{k}={v}`" for k, v in setting.items()) or "(base)"
         lines.append(
             f"| {name} | {overrides} | {len(row['seeds'])} | {_pm(row['mean_iu'])} "
-            f"| {_pm(row['pixel_acc'])} | {_pm(row['large_object_images'], 1)} "
+            f"| {_pm(row['pixel_acc'])} | {_pm(row['mean_acc'])} "
+            f"| {_pm(row['large_object_images'], 1)} "
             f"| {_pm(row['large_object_mean_iu'])} | {_pm(row['dominant_class_iu'])} "
             f"| {_pm(row['train_minutes'], 2)} |"
         )
@@ -617,7 +619,10 @@ def write_report(out: str | Path, results: dict, pairs: list[tuple[str, str]]) -
     """Write ``results.json``, ``report.md`` and the PNGs into ``out`` atomically."""
     settings = list(dict.fromkeys(r["setting_name"] for r in results["runs"]))
     summary = aggregate(results["runs"], settings)
-    comparisons = compare(results["runs"], pairs)
+    comparisons = [
+        row for metric in ("mean_iu", "pixel_acc", "mean_acc")
+        for row in compare(results["runs"], pairs, metric)
+    ]  # fmt: skip
     scored = results.get("variant")
     nets = dict.fromkeys(n for r in results["runs"] for n in r.get("stage_mean_iu", {}))
     for net in (n for n in nets if n != scored):

@@ -75,11 +75,15 @@ def _run_in_lanes(project_dir: str, pending: list, params_bytes: bytes, jobs: in
             future = next(as_completed(list(running)))
             lane, run = running.pop(future)
             free.append(lane)
-            if future.state.is_completed():
-                ran.append(run.name)
-            else:
+            # The task's own outcome: `future.state` may still read Running here, since
+            # Prefect records task states on the server asynchronously.
+            try:
+                future.result()
+            except Exception:
                 logger.error("%s failed in lane %s", run.name, lane)
                 failed.append(future)
+            else:
+                ran.append(run.name)
     if failed:
         failed[0].result()  # raises that experiment's error
     return ran

@@ -206,7 +206,7 @@ def fake_run(setting, seed, mean_iu, pole):
         "metrics": {
             "mean_iu": mean_iu,
             "pixel_acc": 0.9,
-            "mean_acc": 0.5,
+            "mean_acc": (0.6 if setting == "interp" else 0.5) + 0.01 * seed,
             "fw_iu": 0.8,
             "per_class_iu": {"background": 0.9, "pole": pole},
             "large_object": {"images": 3, "mean_iu": mean_iu / 2, "dominant_class_iu": 0.6},
@@ -244,6 +244,10 @@ def test_aggregate_compare_and_report_files(tmp_path):
     report = (out / "report.md").read_text()
     assert "| frozen | `train.upsample=frozen` | 3 | 0.5100 ± 0.0100 |" in report
     assert "Welch" in report and "| frozen | interp | mean_iu | 0.1000 |" in report
+    # Pixel and mean (class-average) accuracy too: SegNet's global and class avg.
+    assert "| 0.5100 ± 0.0100 | 0.9000 ± 0.0000 | 0.5100 ± 0.0100 |" in report
+    assert "| frozen | interp | mean_acc | -0.1000 |" in report
+    assert "| frozen | interp | pixel_acc | 0.0000 |" in report
     # Every staged net's mean IU, and the comparison repeated for the nets not scored.
     assert "| frozen | 0.2560 ± 0.0056 | 0.5100 ± 0.0100 |" in report
     assert "| frozen | interp | fcn32s mean_iu | 0.0500 |" in report
