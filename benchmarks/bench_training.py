@@ -10,16 +10,16 @@ copy ingested into a temporary directory):
 3. **epoch**: one real epoch through ``train_one_epoch`` (loader and steps together,
    images mirrored at random, the optimizer of ``build_optimizer``) and the share of
    it spent waiting for the loader.
-
-Training is not bound by loading when the loader's images/s is well above the step's,
-and the epoch's wait share is small.
-
 4. **kernels** (``--compare-kernels``, for CUDA): real epochs as training ran before
    on CUDA (deterministic algorithms without cuDNN autotuning, the loss read back after
    every step, images mirrored on the host, Adam's default multi-tensor step), then with
    each change added in turn: :func:`fcn_pipeline.runtime.kernel_settings`, the loss
    read every ``LOSS_CHECK_STEPS`` steps, mirroring on the device, a fused optimizer
-   step (now); the last of ``--epochs`` epochs of each case is timed.
+   step (now); the last of ``--epochs`` epochs of each case is timed. ``--profile``:
+   one more epoch under ``torch.profiler``, its top ops by device and host time.
+
+Training is not bound by loading when the loader's images/s is well above the step's,
+and the epoch's wait share is small.
 
     .venv/bin/python benchmarks/bench_training.py            # ~1-2 min on a 2-core CPU
     .venv/bin/python benchmarks/bench_training.py --width 0.125 --batch-size 4
