@@ -15,6 +15,7 @@ naming the file and the cause.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -70,12 +71,19 @@ def remove_stale(final: str | os.PathLike) -> list[Path]:
         if match["kind"] == "old" and not final.exists() and not final.is_symlink():
             entry.rename(final)  # the previous output, half-way through a swap
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        remove_path(entry)
         removed.append(entry)
     return removed
+
+
+def remove_path(path: Path) -> None:
+    """Delete whatever stands at ``path``: a directory tree, a file or a link (best
+    effort, as for a temporary: what cannot be deleted is left)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 # Errors of a write that names no file (``write(2)`` itself): blamed on the output.
@@ -130,10 +138,10 @@ def atomic_output_dir(final: str | os.PathLike) -> Iterator[Path]:
         raise
     old = _sibling(final, "old")
     with writing(final):
-        if final.exists():
+        if final.exists() or final.is_symlink():  # a directory, or a file in its way
             final.rename(old)
         tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_path(old)
 
 
 @contextmanager

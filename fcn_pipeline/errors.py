@@ -68,3 +68,17 @@ def describe_os_error(error: OSError, path: str | os.PathLike) -> str:
     if error.filename2 is not None:
         reason += f" (-> {printable(error.filename2)})"
     return f"{where}: {reason}"
+
+
+def load_error_reason(error: Exception) -> str:
+    """The one line of a ``torch.load`` error that says what is wrong with the file: for
+    a pickle refused by ``weights_only=True``, the unpickler's finding, without
+    PyTorch's advice to load the file unsafely (which would run untrusted code)."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        tail = text.split("WeightsUnpickler error:", 1)[1]
+        lines = [line.strip() for line in tail.splitlines() if line.strip()]
+        detail = lines[0] if lines and not lines[0].startswith("Check the") else "refused"
+        return f"holds objects other than tensors and plain values: {detail.split('. ')[0]}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

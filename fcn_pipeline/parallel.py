@@ -10,8 +10,11 @@ Dask cluster) without the library knowing about it.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
@@ -21,6 +24,20 @@ T = TypeVar("T")
 # ``mapper(function, calls, workers)`` yields ``function(*args)`` for each
 # ``args`` in ``calls``, in order; :func:`map_shards` is the default.
 ShardMapper = Callable[[Callable[..., Any], Sequence[tuple[Any, ...]], int], Iterator[Any]]
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent: int) -> None:
+    """Pool initializer: have the kernel SIGKILL this worker when the process that
+    started it (pid ``parent``) dies, however it dies (``kill -9``, the OOM killer), so
+    no worker outlives its stage. Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def process_count(workers: int) -> int:
@@ -41,14 +58,17 @@ def map_shards(
     pyarrow), and with one worker or one call everything runs here. Processes
     are spawned, not forked: the caller may be a threaded process (Prefect,
     torch), and a fork would copy its held locks. If the consumer stops early or
-    raises, pending calls are cancelled.
+    raises, pending calls are cancelled; if this process is killed, the kernel kills
+    the workers (:func:`die_with_parent`).
     """
     workers = min(process_count(workers), max(1, len(calls)))
     if workers == 1:
         yield from (function(*args) for args in calls)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers - 1, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        workers - 1, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         try:
             futures = [pool.submit(function, *args) for args in calls]
             done_here: dict[int, T] = {}

@@ -268,6 +268,16 @@ def _not_vgg16(path: Path) -> None:
     torch.save({"features.0.weight": torch.zeros(1)}, path)
 
 
+def _random_bytes(path: Path) -> None:
+    path.write_bytes(bytes(range(256)) * 4)
+
+
+def _pickled_object(path: Path) -> None:
+    import argparse
+
+    torch.save(argparse.Namespace(a=1), path)  # a pickle weights_only=True refuses
+
+
 def _wrong_shapes(path: Path) -> None:
     from fcn_pipeline.models.vgg16 import torchvision_vgg16_keys
 
@@ -280,7 +290,9 @@ def _wrong_shapes(path: Path) -> None:
     ("make", "reason"),
     [
         (None, "No such file or directory"),
-        (Path.mkdir, "is not a readable PyTorch state dict"),
+        (Path.mkdir, "is not a torchvision VGG16 state dict"),
+        (_random_bytes, "is not a torchvision VGG16 state dict"),
+        (_pickled_object, "holds objects other than tensors"),
         (_not_vgg16, "is not a VGG16 state dict: missing key"),
         (_wrong_shapes, "has shape (1,), expected"),
     ],
@@ -299,6 +311,8 @@ def test_a_pretrained_file_that_does_not_fit_names_the_key_and_file(
     message = str(caught.value)
     assert message.startswith("train.pretrained: ") and str(path) in message
     assert reason in message
+    # One line, and never PyTorch's advice to unpickle the file with weights_only=False.
+    assert "\n" not in message and "weights_only" not in message
     assert not (tmp_path / "models").exists()
 
 

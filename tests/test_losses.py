@@ -196,7 +196,34 @@ def test_sampled_mask_plugs_into_the_loss() -> None:
     generator = torch.Generator().manual_seed(6)
     logits = torch.randn(2, 3, 16, 16, generator=generator)
     target = torch.randint(0, 3, (2, 16, 16), generator=generator)
-    keep = loss_sampling_mask(target.shape, 8, 1.0)
-    assert torch.equal(
-        segmentation_loss(logits, target, keep_mask=keep), segmentation_loss(logits, target)
-    )
+    keep = loss_sampling_mask(target.shape, 8, 0.5, generator=generator)
+    assert 0 < keep.sum() < keep.numel()
+    per_pixel = F.cross_entropy(logits, target, reduction="none")
+    expected = per_pixel[keep].mean()
+    assert torch.allclose(segmentation_loss(logits, target, keep_mask=keep), expected)
+    assert not torch.allclose(segmentation_loss(logits, target), expected)
+
+
+def test_the_criterion_applies_its_class_weights_and_its_sampled_cells() -> None:
+    """What training calls: the weights and the loss-sampling mask must reach the loss
+    (question 2 rests on both). Recomputed here from the same generator's draws."""
+    from fcn_pipeline.losses import SegmentationCriterion
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 16, 16, generator=generator)
+    target = torch.randint(0, 3, (2, 16, 16), generator=generator)
+    weights = torch.tensor([0.2, 1.0, 5.0])
+    criterion = SegmentationCriterion(class_weights=weights, loss_sampling=0.5, cell_size=4)
+    criterion.reseed(7)
+    loss = criterion(logits, target)
+    keep = loss_sampling_mask(target.shape, 4, 0.5, generator=torch.Generator().manual_seed(7))
+    assert 0 < keep.sum() < keep.numel()
+    expected = segmentation_loss(logits, target, class_weights=weights, keep_mask=keep)
+    assert torch.equal(loss, expected)
+    # Neither the weights nor the mask is a no-op on this batch.
+    assert not torch.isclose(loss, segmentation_loss(logits, target, keep_mask=keep))
+    assert not torch.isclose(loss, segmentation_loss(logits, target, class_weights=weights))
+    # Reseeding replays the same masks; the next call draws new ones.
+    criterion.reseed(7)
+    assert torch.equal(criterion(logits, target), loss)
+    assert not torch.equal(criterion(logits, target), loss)

@@ -54,3 +54,60 @@ def test_modules_that_workers_import_stay_light():
     code = f"import sys, {modules}; print(sorted({{'pydantic', 'torch'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _children(pid: int) -> set[int]:
+    """The live children of ``pid`` (all its threads'), read from /proc."""
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found |= {int(child) for child in f.read().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_kill_9_of_the_parent_takes_its_pool_workers_with_it(tmp_path):
+    """What the OOM killer does to a data stage: no worker (nor multiprocessing's resource
+    tracker) may stay behind with parent 1."""
+    started = tmp_path / "started"
+    started.mkdir()
+    script = (
+        "import os, sys, time\n"
+        "from fcn_pipeline.parallel import map_shards\n"
+        "from tests.test_parallel import mark_and_sleep\n"
+        f"list(map_shards(mark_and_sleep, [({str(started)!r}, i) for i in range(4)], 2))\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(os.listdir(started)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(os.listdir(started)) >= 2, "the pool never started"
+        children = _children(parent.pid)
+        workers = {int(name) for name in os.listdir(started)} - {parent.pid}
+        assert workers and workers <= children
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if _alive(pid)], "orphans left"
+    finally:
+        parent.kill()
+
+
+def mark_and_sleep(folder: str, i: int) -> int:
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    time.sleep(120)
+    return i

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fcn_pipeline.errors import load_error_reason
 from fcn_pipeline.models.geometry import GEOMETRIES, Grid
 
 # VGG16 configuration "D": output channels of each 3x3 conv, "pool" for a 2x2 max-pool.
@@ -176,7 +177,9 @@ def read_torchvision_vgg16(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     except FileNotFoundError:
         raise
     except Exception as exc:  # corrupt file, pickle refused by weights_only=True, ...
-        raise ValueError(f"{name!r} is not a readable PyTorch state dict: {exc}") from exc
+        raise ValueError(
+            f"{name!r} is not a torchvision VGG16 state dict ({load_error_reason(exc)})"
+        ) from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{name!r} holds a {type(state).__name__}, not a VGG16 state dict")
 
