@@ -15,13 +15,15 @@ import torch
 from torch import nn
 
 from fcn_pipeline.atomic import atomic_file
-from fcn_pipeline.errors import CheckpointError, OutputError
+from fcn_pipeline.errors import CheckpointError, OutputError, load_error_reason
 from fcn_pipeline.models import build_fcn
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.pt"  # the best validation epoch's weights
+LAST_MODEL_FILE = "model_last.pt"  # the last epoch's weights
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FORMAT = "fcn-pipeline-model/1"
-CHECKPOINT_FORMAT = "fcn-pipeline-checkpoint/2"  # 2: holds the lr scheduler's state
+# 2: holds the lr scheduler's state; 3: the best epoch's weights and the runtime
+CHECKPOINT_FORMAT = "fcn-pipeline-checkpoint/3"
 
 
 def load_file(path: str | Path, expected_format: str) -> dict[str, Any]:
@@ -32,7 +34,8 @@ def load_file(path: str | Path, expected_format: str) -> dict[str, Any]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file raises many kinds
-        raise CheckpointError(f"{path}: corrupt or not a PyTorch file ({error})") from None
+        reason = load_error_reason(error)
+        raise CheckpointError(f"{path}: corrupt or not a PyTorch file ({reason})") from None
     if not isinstance(content, dict) or content.get("format") != expected_format:
         found = content.get("format") if isinstance(content, dict) else type(content).__name__
         raise CheckpointError(f"{path}: not a {expected_format} file (found {found!r})")
@@ -70,7 +73,7 @@ def model_record(model: nn.Module, class_names: list[str], **extra: Any) -> dict
         "upsample": model.upsample,
         "geometry": model.geometry,
         "norm": model.norm,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         **extra,
     }
 
@@ -107,6 +110,7 @@ def load_model(path: str | Path, class_names: list[str] | None = None) -> nn.Mod
 __all__ = [
     "CHECKPOINT_FILE",
     "CHECKPOINT_FORMAT",
+    "LAST_MODEL_FILE",
     "MODEL_FILE",
     "MODEL_FORMAT",
     "file_sha256",

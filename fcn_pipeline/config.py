@@ -142,6 +142,7 @@ class PatchesParams(StrictModel):
 StagedVariant = Literal["fcn32s", "fcn16s", "fcn8s"]
 STAGED_VARIANTS: tuple[str, ...] = get_args(StagedVariant)
 TrainMode = Literal["full", "patch"]
+Precision = Literal["auto", "fp32", "bf16"]  # autocast dtype of training steps
 # The model choices of fcn_pipeline.models (UPSAMPLE_MODES, GEOMETRIES, NORMS), spelled
 # out here so that validating params does not import torch; a test keeps them equal.
 UpsampleMode = Literal["learned", "frozen", "interp"]
@@ -180,6 +181,12 @@ class TrainParams(StrictModel):
     poly_power: float = Field(0.9, gt=0.0)
     batch_size: int = Field(2, ge=1, le=4096)
     hflip: bool = True  # mirror each training image (and mask) with probability 1/2
+    precision: Precision = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16
+    preload_mb: int = Field(2048, ge=0)  # decode sets up to this size once, into memory
+    # Plateau stop: end a stage when validation mean IU has not beaten its best by
+    # plateau_min_gain for plateau_patience epochs (0 = off: run every epoch).
+    plateau_patience: int = Field(0, ge=0)
+    plateau_min_gain: float = Field(0.001, ge=0.0, le=1.0)
     val_split: Split = "val"
     eval_batch_size: int = Field(16, ge=1, le=4096)
     device: DeviceName = "auto"

@@ -118,7 +118,8 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> Sample:
+    def decoded(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """Image ``i`` as stored: ``(H, W, 3)`` uint8 RGB, ``(H, W)`` uint8 mask, id."""
         shard_number, row = self.index[i]
         path = self.shards[shard_number]
         table = _shard_table(path)
@@ -131,11 +132,53 @@ class SegmentationDataset(Dataset):
             raise DatasetError(
                 f"{path}: row {row} has image {image.shape[:2]} but mask {mask.shape}"
             )
-        return Sample(
-            image=normalize_image(image),
-            mask=torch.from_numpy(mask.astype(np.int64)),
-            id=str(table.column("id")[row].as_py()),
-        )
+        return image, mask, str(table.column("id")[row].as_py())
+
+    def decoded_bytes(self) -> int:
+        """Memory the decoded split takes: 3 bytes of image and 1 of mask per pixel."""
+        return sum(4 * height * width for height, width in self.sizes)
+
+    def __getitem__(self, i: int) -> Sample:
+        return to_sample(*self.decoded(i))
+
+
+def to_sample(image: np.ndarray, mask: np.ndarray, sample_id: str) -> Sample:
+    """A decoded image and mask as the tensors a net and the loss take."""
+    return Sample(
+        image=normalize_image(image),
+        mask=torch.from_numpy(mask.astype(np.int64)),
+        id=sample_id,
+    )
+
+
+class PreloadedDataset(Dataset):
+    """A :class:`SegmentationDataset` decoded once into memory (uint8, as stored):
+    ``dataset[i]`` is the same :class:`Sample` as the streaming dataset's, without
+    decoding a PNG again in every epoch. Loaders over it need no worker processes."""
+
+    def __init__(self, dataset: SegmentationDataset):
+        self.root, self.split, self.meta = dataset.root, dataset.split, dataset.meta
+        self.sizes = dataset.sizes
+        self.items = [dataset.decoded(i) for i in range(len(dataset))]
+        _OPEN_SHARDS.clear()  # the decoded copy replaces the memory-mapped shards
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta.num_classes
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Sample:
+        return to_sample(*self.items[i])
+
+
+def preload(dataset: SegmentationDataset, limit_mb: int) -> SegmentationDataset | PreloadedDataset:
+    """``dataset`` decoded into memory when it takes at most ``limit_mb`` MiB decoded,
+    else ``dataset`` itself (streamed from the shards by loader processes)."""
+    if dataset.decoded_bytes() > limit_mb * 2**20:
+        return dataset
+    return PreloadedDataset(dataset)
 
 
 @dataclass(frozen=True)
@@ -322,6 +365,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Batch",
+    "PreloadedDataset",
     "RankBatchSampler",
     "SameSizeBatchSampler",
     "Sample",
@@ -330,5 +374,7 @@ __all__ = [
     "loader_workers",
     "normalize_image",
     "pad_collate",
+    "preload",
+    "to_sample",
     "train_loader",
 ]

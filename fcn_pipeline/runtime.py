@@ -2,22 +2,28 @@
 and the prediction loop shared by validation (training) and evaluation.
 
 On CUDA the nets run under bfloat16 autocast with channels_last tensors (cuDNN's
-fast path), cuDNN's autotuner choosing each convolution's algorithm; on the CPU in
-float32, channels_last too (oneDNN's NHWC convolutions train the default width-0.0625
-FCN-8s 1.24x faster and predict 1.4-1.7x faster), with deterministic kernels so that
-the same params and seed give the same weights.
+fast path), cuDNN's autotuner choosing each convolution's algorithm; on the CPU
+channels_last too (oneDNN's NHWC convolutions train the default width-0.0625 FCN-8s
+1.24x faster and predict 1.4-1.7x faster), with deterministic kernels so that the
+same params, seed, thread count and processor give the same weights. CPU training
+runs under bfloat16 autocast where the processor computes bfloat16 natively
+(AVX512-BF16 or AMX: oneDNN's bf16 convolutions, float32 accumulation) and in
+float32 elsewhere (``train.precision: auto``); CPU evaluation stays float32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fcn_pipeline.config import Precision
 from fcn_pipeline.errors import ConfigError
 from fcn_pipeline.metrics import confusion_matrix
 
@@ -73,11 +79,58 @@ def kernel_settings(device: torch.device, threads: int = 0) -> Iterator[None]:
         torch.backends.cudnn.benchmark = was_benchmark
 
 
-def autocast(device: torch.device) -> Any:
-    """bfloat16 autocast on CUDA, nothing on CPU (full float32 keeps CPU runs exact)."""
+@cache
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles), where
+    oneDNN's bf16 kernels beat float32; elsewhere bf16 is emulated and slower."""
+    probes = [
+        getattr(torch.cpu, name, None)
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    if all(probe is not None for probe in probes):
+        return any(probe() for probe in probes)
+    try:  # an older torch: the kernel's flags
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def cpu_capability() -> str:
+    """The instruction-set family oneDNN and ATen dispatch on (e.g. ``AVX512``)."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def training_dtype(device: torch.device, precision: Precision = "auto") -> torch.dtype:
+    """The autocast dtype a training step runs in: ``auto`` is bfloat16 on CUDA and on
+    a CPU with native bf16 (:func:`native_bf16`), float32 elsewhere."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return torch.float32
+    if device.type == "cuda" or (device.type == "cpu" and native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def eval_dtype(device: torch.device) -> torch.dtype:
+    """Prediction: bfloat16 on CUDA, float32 on the CPU (exact scores)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Autocast to ``dtype`` (default :func:`eval_dtype`); float32 means none."""
+    dtype = eval_dtype(device) if dtype is None else dtype
     return torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+        device_type=device.type,
+        dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+        enabled=dtype != torch.float32,
     )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bf16`` / ``fp32``: how logs, DVCLive and model files name a precision."""
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[dtype]
 
 
 def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -122,10 +175,15 @@ def predict_batches(
 
 __all__ = [
     "autocast",
+    "cpu_capability",
+    "dtype_name",
+    "eval_dtype",
     "kernel_settings",
+    "native_bf16",
     "predict_batches",
     "resolve_device",
     "seed_everything",
     "to_device",
     "torch_threads",
+    "training_dtype",
 ]

@@ -26,10 +26,19 @@ the same global batches a single process would draw, so ``train.batch_size``
 stays the global batch; validation splits the batches over the processes and sums
 their confusion histograms. Only rank 0 logs and writes files.
 
+``epochs.<variant>`` is the most epochs a stage runs (the poly schedule decays over
+all of them); with ``train.plateau_patience`` > 0 it stops earlier once validation
+mean IU has not beaten its best by ``train.plateau_min_gain`` for that many epochs.
+``model.pt`` holds the weights of the best validation epoch (the first of equals),
+``model_last.pt`` those of the last epoch run; the next staged variant starts from
+the best.
+
 Checkpoints hold only tensors and plain Python values and are read with
 ``torch.load(..., weights_only=True)``. A checkpoint is resumed only when it was
-written by the same training configuration (params, data, initial model); any
-other checkpoint is ignored and training starts over.
+written by the same training configuration (params, data, initial model) and the
+same arithmetic (device, thread count, autocast dtype, CPU instruction set); any
+other checkpoint is ignored, with a line naming what differs, and training starts
+over. A corrupt or foreign checkpoint is set aside (renamed ``*.bad``) with a warning.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +62,7 @@ from fcn_pipeline import distributed
 from fcn_pipeline.checkpoints import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
+    LAST_MODEL_FILE,
     MODEL_FILE,
     file_sha256,
     load_file,
@@ -61,7 +72,15 @@ from fcn_pipeline.checkpoints import (
 )
 from fcn_pipeline.class_weights import load_class_weights
 from fcn_pipeline.config import TrainParams, check_staged_variant
-from fcn_pipeline.data import SegmentationDataset, eval_loader, train_loader
+from fcn_pipeline.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PreloadedDataset,
+    SegmentationDataset,
+    eval_loader,
+    preload,
+    train_loader,
+)
 from fcn_pipeline.errors import (
     CheckpointError,
     ConfigError,
@@ -74,11 +93,14 @@ from fcn_pipeline.metrics import segmentation_scores
 from fcn_pipeline.models import build_fcn, init_from_coarser, parameter_groups
 from fcn_pipeline.runtime import (
     autocast,
+    cpu_capability,
+    dtype_name,
     kernel_settings,
     predict_batches,
     resolve_device,
     seed_everything,
     to_device,
+    training_dtype,
 )
 
 # Steps between two reads of the training loss on CUDA (each one a synchronisation).
@@ -243,9 +265,11 @@ def train_one_epoch(
     *,
     hflip: bool = False,
     loss_check_steps: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> EpochStats:
     """One pass over ``loader``: forward, loss, backward, optimizer and scheduler step
-    (``hflip``: each image mirrored with probability 1/2 first).
+    (``hflip``: each image mirrored with probability 1/2 first; the forward pass under
+    autocast to ``dtype``, default :func:`fcn_pipeline.runtime.training_dtype`).
 
     The losses are read back every ``loss_check_steps`` steps (default: every step on
     the CPU, ``LOSS_CHECK_STEPS`` on CUDA, where each read is a synchronisation that
@@ -260,6 +284,7 @@ def train_one_epoch(
     total_loss, images, data_seconds, lr = 0.0, 0, 0.0, optimizer.param_groups[0]["lr"]
     if loss_check_steps is None:
         loss_check_steps = 1 if device.type == "cpu" else LOSS_CHECK_STEPS
+    dtype = training_dtype(device) if dtype is None else dtype
     pending: list[tuple[torch.Tensor, int, int, float, int]] = []  # loss, step, batch, lr, n
     start = tick = time.perf_counter()
     bar = tqdm(loader, desc=f"{variant} epoch {epoch}", leave=False, disable=not show_progress())
@@ -289,7 +314,7 @@ def train_one_epoch(
         if hflip:
             x, y = random_hflip(x, y)
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
+        with autocast(device, dtype):
             logits = model(x)
         loss = criterion(logits, y)
         images += len(batch.ids)
@@ -330,6 +355,32 @@ def evaluate(
 # --- resuming -----------------------------------------------------------------------
 
 
+# train params that change neither what is computed nor how: where files go, how data
+# reaches the loop, when to stop (a stop is decided again from the history on resume).
+UNFINGERPRINTED = {
+    "out",
+    "live",
+    "workers",
+    "device",
+    "eval_batch_size",
+    "preload_mb",
+    "plateau_patience",
+    "plateau_min_gain",
+    "precision",
+    "threads",
+}
+
+
+def runtime_record(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """How this process computes, beyond the params: floating-point results of the same
+    params and seed differ between devices, thread counts (how sums are split),
+    autocast dtypes and CPU instruction sets (which kernels oneDNN dispatches)."""
+    record: dict[str, Any] = {"device": device.type, "precision": dtype_name(dtype)}
+    if device.type == "cpu":
+        record.update(threads=torch.get_num_threads(), cpu=cpu_capability())
+    return record
+
+
 def run_fingerprint(
     params: TrainParams,
     net: str,
@@ -337,11 +388,12 @@ def run_fingerprint(
     datasets: list[SegmentationDataset],
     init_path: Path | None,
     world_size: int = 1,
+    runtime: dict[str, Any] | None = None,
 ) -> str:
     """What a resumable checkpoint must match: the params that shape training, the
     net and its epochs, the data read (``dataset.json`` lists every shard), the
-    initial model and the number of processes."""
-    settings = params.model_dump(exclude={"out", "live", "workers", "device", "eval_batch_size"})
+    initial model, the number of processes and ``runtime`` (:func:`runtime_record`)."""
+    settings = params.model_dump(exclude=UNFINGERPRINTED)
     for key in DISTRIBUTED_KEYS:  # how the processes meet: not what they compute
         settings.pop(key)
     parts = {
@@ -350,10 +402,61 @@ def run_fingerprint(
         "variant": net,
         "data": [(dataset.root / "dataset.json").read_text() for dataset in datasets],
         "init": file_sha256(init_path) if init_path else None,
+        "runtime": runtime or {},
     }
     if world_size > 1:  # ranks draw their own dropout, flips and loss-sampling masks
         parts["world_size"] = world_size
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def plateau_reached(curve: list[float], patience: int, min_gain: float) -> bool:
+    """Whether the last ``patience`` values of ``curve`` all stayed below the best value
+    before them plus ``min_gain`` (``patience`` 0: never)."""
+    if patience <= 0 or len(curve) <= patience:
+        return False
+    return max(curve[-patience:]) < max(curve[:-patience]) + min_gain
+
+
+def best_epoch(history: list[dict[str, float]]) -> int:
+    """The 1-based epoch of the highest validation mean IU (the first of equals)."""
+    curve = [metrics["val_mean_iu"] for metrics in history]
+    return 1 + curve.index(max(curve))
+
+
+def weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model``'s state (weights and BatchNorm statistics)."""
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+@dataclass
+class Progress:
+    """What a run has done so far: its epochs' metrics and its best epoch's weights."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return len(self.history)
+
+
+def set_aside(path: Path, reason: str, log: Callable[[str], None]) -> None:
+    """Rename an unusable checkpoint to ``<name>.bad`` (replacing an older one), so that
+    training starts over and the file stays for a look."""
+    aside = path.with_name(path.name + ".bad")
+    os.replace(path, aside)
+    log(f"warning: {path}: {reason}; moved to {aside.name}, training starts over")
+
+
+def _runtime_difference(old: Any, new: dict[str, Any]) -> str:
+    if not isinstance(old, dict):
+        return ""
+    changed = [
+        f"{key} {old.get(key)} -> {new.get(key)}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+    return f" (it was written with another runtime: {', '.join(changed)})" if changed else ""
 
 
 def resume(
@@ -363,26 +466,33 @@ def resume(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     log: Callable[[str], None],
-) -> tuple[int, list[dict[str, float]]]:
-    """Restore the last saved epoch of the same configuration, if any: returns the
-    number of epochs done and their metrics (``0, []`` for a fresh start).
+    runtime: dict[str, Any] | None = None,
+) -> Progress:
+    """Restore the last saved epoch of the same configuration, if any: the metrics of
+    the epochs done and the best epoch's weights (empty for a fresh start).
 
     Under data parallelism rank 0 reads the checkpoint and hands it to the others, so
     it needs to exist only where rank 0 runs."""
     state = None
     if distributed.world_from_env().main and checkpoint_path.exists():
-        state = load_file(checkpoint_path, CHECKPOINT_FORMAT)
-        if state.get("fingerprint") != fingerprint:
-            log(f"{model.variant}: {checkpoint_path} is from another configuration; starting over")
+        try:
+            state = load_file(checkpoint_path, CHECKPOINT_FORMAT)
+        except CheckpointError as error:
+            set_aside(checkpoint_path, str(error).removeprefix(f"{checkpoint_path}: "), log)
+        if state is not None and state.get("fingerprint") != fingerprint:
+            log(
+                f"{model.variant}: {checkpoint_path} is from another configuration"
+                f"{_runtime_difference(state.get('runtime'), runtime or {})}; starting over"
+            )
             state = None
     state = distributed.broadcast_from_main(state)
     if state is None:
-        return 0, []
+        return Progress()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     log(f"{model.variant}: resuming from {checkpoint_path} after epoch {state['epoch']}")
-    return int(state["epoch"]), list(state["history"])
+    return Progress(list(state["history"]), state["best_model"])
 
 
 def save_checkpoint(
@@ -391,20 +501,23 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    history: list[dict[str, float]],
+    progress: Progress,
+    runtime: dict[str, Any],
 ) -> None:
-    """Everything :func:`resume` needs to continue after the last epoch of ``history``."""
+    """Everything :func:`resume` needs to continue after the last epoch of ``progress``."""
     save_file(
         path,
         {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": fingerprint,
+            "runtime": runtime,
             "variant": model.variant,
-            "epoch": len(history),
+            "epoch": progress.epoch,
             "model": model.state_dict(),
+            "best_model": progress.best_state,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "history": history,
+            "history": progress.history,
         },
     )
 
@@ -416,9 +529,24 @@ def save_checkpoint(
 class TrainResult:
     variant: str
     model_path: Path
-    epochs: int
+    epochs: int  # epochs run (fewer than asked when stopped on a plateau)
     resumed_from: int  # epochs restored from the checkpoint (0 = fresh start)
     history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0  # the epoch whose weights model.pt holds (1-based)
+    stopped_on_plateau: bool = False
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """What DVCLive records besides the curves: the best epoch and the stop."""
+        best = self.history[self.best_epoch - 1] if self.best_epoch else {}
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val_mean_iu": best.get("val_mean_iu"),
+            "epochs_run": self.epochs,
+            "stopped_on_plateau": self.stopped_on_plateau,
+            "precision": self.runtime.get("precision"),
+        }
 
 
 def epoch_line(net: str, epoch: int, epochs: int, metrics: dict[str, float]) -> str:
@@ -446,6 +574,12 @@ def epoch_metrics(stats: EpochStats, scores: dict) -> dict[str, float]:
     }
 
 
+def data_workers(dataset: Any, workers: int) -> int:
+    """Loader processes for ``dataset``: none when it is already decoded in memory
+    (a worker would only copy tensors between processes), else ``train.workers``."""
+    return 0 if isinstance(dataset, PreloadedDataset) else workers
+
+
 @dataclass
 class TrainingData:
     """What a training reads: the train set, the validation loader and the class names."""
@@ -465,21 +599,22 @@ def build_data(
     train_set = training_set(params)
     world = world or distributed.World()
     val_set = SegmentationDataset(params.data, params.val_split)
+    steps = steps_per_epoch(train_set, params.batch_size)
     class_names = val_set.meta.class_names
     if train_set.meta.class_names != class_names:
         raise DatasetError(
             f"{train_set.root}: classes {train_set.meta.class_names} differ from "
             f"{val_set.root}'s {class_names}"
         )
+    train_set, val_set = preload(train_set, params.preload_mb), preload(val_set, params.preload_mb)
     val_loader = eval_loader(
         val_set,
         params.eval_batch_size,
-        workers=params.workers,
+        workers=data_workers(val_set, params.workers),
         pin_memory=device.type == "cuda",
         rank=world.rank,
         world_size=world.size,
     )
-    steps = steps_per_epoch(train_set, params.batch_size)
     if world.distributed and (params.batch_size % world.size or len(train_set) < params.batch_size):
         raise ConfigError(
             f"train.batch_size ({params.batch_size}) is the global batch: it must divide over "
@@ -555,12 +690,15 @@ def _train(
     init_path = Path(params.out) / COARSER[net] / MODEL_FILE if net in COARSER else None
     data = build_data(params, device, world)
     backend = distributed.backend_for(device) if world.distributed else "one process"
-    log(
-        f"{net}: world size {world.size} ({backend}), {params.batch_size // world.size} "
-        f"images per process per step, global batch {params.batch_size}"
-    )
 
     with kernel_settings(device, params.threads):
+        dtype = training_dtype(device, params.precision)
+        runtime = runtime_record(device, dtype)
+        log(
+            f"{net}: world size {world.size} ({backend}), {params.batch_size // world.size} "
+            f"images per process per step, global batch {params.batch_size}, "
+            + ", ".join(f"{key} {value}" for key, value in runtime.items())
+        )
         seed_everything(params.seed)  # the same initial weights on every rank
         model = build_model(params, net, data.class_names, init_path, log)
         model.to(device, memory_format=torch.channels_last)
@@ -569,17 +707,23 @@ def _train(
         scheduler = build_scheduler(optimizer, params, data.steps_per_epoch * epochs)
 
         datasets = [data.train_set, data.val_set]
-        fingerprint = run_fingerprint(params, net, epochs, datasets, init_path, world.size)
+        fingerprint = run_fingerprint(params, net, epochs, datasets, init_path, world.size, runtime)
         checkpoint_path = out_dir / CHECKPOINT_FILE
-        start_epoch, history = resume(
-            checkpoint_path, fingerprint, model, optimizer, scheduler, log
-        )
-        for number, metrics in enumerate(history, start=1):
+        progress = resume(checkpoint_path, fingerprint, model, optimizer, scheduler, log, runtime)
+        start_epoch = progress.epoch
+        for number, metrics in enumerate(progress.history, start=1):
             if on_epoch_end:
                 on_epoch_end(number, metrics)
-
+        stopped = _stopped(params, progress.history)
+        if start_epoch and (stopped or start_epoch == epochs):
+            log(
+                f"{net}: {checkpoint_path} holds a finished run ({start_epoch} epochs); "
+                "delete it to train afresh"
+            )
         stepped = wrap_for_ranks(model, device, world)
         for epoch in range(start_epoch + 1, epochs + 1):
+            if stopped:
+                break
             # Every epoch reseeds from (seed, epoch), so a resumed run draws what an
             # uninterrupted one would (shuffle order, dropout, loss-sampling masks).
             epoch_seed = params.seed * 100_003 + epoch
@@ -589,43 +733,109 @@ def _train(
                 data.train_set,
                 params.batch_size,
                 seed=epoch_seed,  # the same on every rank: they share the global batches
-                workers=params.workers,
+                workers=data_workers(data.train_set, params.workers),
                 pin_memory=device.type == "cuda",
                 drop_last=True,
                 rank=world.rank,
                 world_size=world.size,
             )
             stats = train_one_epoch(
-                stepped, criterion, optimizer, scheduler, loader, device, epoch, hflip=params.hflip
+                stepped,
+                criterion,
+                optimizer,
+                scheduler,
+                loader,
+                device,
+                epoch,
+                hflip=params.hflip,
+                dtype=dtype,
             )
             hist = evaluate(model, data.val_loader, len(data.class_names), device)
-            history.append(epoch_metrics(stats, segmentation_scores(hist)))
+            progress.history.append(epoch_metrics(stats, segmentation_scores(hist)))
+            if best_epoch(progress.history) == epoch:
+                progress.best_state = weights_copy(model)
+            stopped = _stopped(params, progress.history)
             if world.main:
-                save_checkpoint(checkpoint_path, fingerprint, model, optimizer, scheduler, history)
+                save_checkpoint(
+                    checkpoint_path, fingerprint, model, optimizer, scheduler, progress, runtime
+                )
             distributed.barrier()
-            log(epoch_line(net, epoch, epochs, history[-1]))
+            log(epoch_line(net, epoch, epochs, progress.history[-1]))
             if on_epoch_end:
-                on_epoch_end(epoch, history[-1])
+                on_epoch_end(epoch, progress.history[-1])
+        if stopped:
+            log(
+                f"{net}: validation mean IU gained less than {params.plateau_min_gain} in "
+                f"{params.plateau_patience} epochs; stopped after epoch {progress.epoch}"
+            )
 
     model_path = out_dir / MODEL_FILE
+    result = TrainResult(
+        net,
+        model_path,
+        progress.epoch,
+        resumed_from=start_epoch,
+        history=progress.history,
+        best_epoch=best_epoch(progress.history) if progress.history else 0,
+        stopped_on_plateau=stopped,
+        runtime=runtime,
+    )
     if world.main:
-        record = model_record(
-            model.cpu(), data.class_names, epochs=epochs, history=history, mode=params.mode
-        )
-        save_file(model_path, record)
+        _save_models(model, progress, params, data, result)
     distributed.barrier()
-    return TrainResult(net, model_path, epochs, resumed_from=start_epoch, history=history)
+    return result
+
+
+def _stopped(params: TrainParams, history: list[dict[str, float]]) -> bool:
+    curve = [metrics["val_mean_iu"] for metrics in history]
+    return plateau_reached(curve, params.plateau_patience, params.plateau_min_gain)
+
+
+def _save_models(
+    model: nn.Module,
+    progress: Progress,
+    params: TrainParams,
+    data: TrainingData,
+    result: TrainResult,
+) -> None:
+    """``model.pt`` (the best epoch's weights) and ``model_last.pt`` (the last epoch's),
+    each recording what it was trained on and how."""
+    model = model.cpu()
+    record = {
+        "epochs": result.epochs,
+        "history": progress.history,
+        "mode": params.mode,
+        "best_epoch": result.best_epoch,
+        "last_epoch": result.epochs,
+        "stopped_on_plateau": result.stopped_on_plateau,
+        "runtime": result.runtime,
+        "train_params": params.model_dump(),
+        "data": {
+            "source": data.val_set.meta.source,
+            "dataset_json_sha256": file_sha256(data.val_set.root / "dataset.json"),
+        },
+        "class_colors": data.val_set.meta.class_colors,
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+    }
+    last = model_record(model, data.class_names, epoch=result.epochs, **record)
+    if progress.best_state is not None:
+        model.load_state_dict(progress.best_state)
+    best = model_record(model, data.class_names, epoch=result.best_epoch, **record)
+    save_file(result.model_path.with_name(LAST_MODEL_FILE), last)
+    save_file(result.model_path, best)
 
 
 __all__ = [
     "COARSER",
     "EpochStats",
     "TrainResult",
+    "best_epoch",
     "build_criterion",
     "build_model",
     "build_optimizer",
     "build_scheduler",
     "evaluate",
+    "plateau_reached",
     "poly_factor",
     "run_fingerprint",
     "train_one_epoch",

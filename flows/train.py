@@ -25,7 +25,6 @@ def train_fcn(params: TrainParams, variant: str, epochs: int) -> dict[str, Any]:
     """Train ``variant`` for ``epochs`` epochs (resuming from its checkpoint); log epochs
     to ``<live>/<variant>``."""
     from dvclive import Live
-
     from fcn_pipeline.training import train_variant
 
     logger = get_run_logger()
@@ -44,16 +43,22 @@ def train_fcn(params: TrainParams, variant: str, epochs: int) -> dict[str, Any]:
             live.next_step()
 
         result = train_variant(params, variant, epochs, on_epoch_end=on_epoch_end, log=logger.info)
+        live.summary.update(result.summary)  # metrics.json: the last epoch's, and these
     final = result.history[-1] if result.history else {}
+    summary = result.summary
     logger.info(
-        "%s: %d epochs (%d restored from the checkpoint), final val mean IU %s; wrote %s",
+        "%s: %d epochs (%d restored from the checkpoint), final val mean IU %s, best %s at "
+        "epoch %d%s; wrote %s",
         result.variant,
         result.epochs,
         result.resumed_from,
         f"{final['val_mean_iu']:.4f}" if final else "n/a",
+        f"{summary['best_val_mean_iu']:.4f}" if final else "n/a",
+        result.best_epoch,
+        " (stopped on a plateau)" if result.stopped_on_plateau else "",
         result.model_path,
     )
-    return {"model": str(result.model_path), "epochs": result.epochs, "final": final}
+    return {"model": str(result.model_path), "epochs": result.epochs, "final": final, **summary}
 
 
 @flow(name="train", log_prints=True)

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import yaml
 
 import fcn_pipeline.training as training
-from fcn_pipeline.checkpoints import CHECKPOINT_FILE, MODEL_FILE
+from fcn_pipeline.checkpoints import CHECKPOINT_FILE, LAST_MODEL_FILE, MODEL_FILE
 from fcn_pipeline.config import TrainParams
 from fcn_pipeline.data import SegmentationDataset, eval_loader, train_loader
 from fcn_pipeline.distributed import process_group
@@ -188,7 +188,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_data, tmp_
     assert "world size 1" in single_output
 
     models = sorted((tmp_path / "two").rglob("*.pt"))
-    assert [p.name for p in models] == ["checkpoint.pt", MODEL_FILE]  # rank 0 alone wrote
+    # rank 0 alone wrote
+    assert [p.name for p in models] == ["checkpoint.pt", MODEL_FILE, LAST_MODEL_FILE]
     assert (tmp_path / "two" / "dvclive" / "fcn32s" / "metrics.json").is_file()
     a, b = history(tmp_path / "one/models/fcn32s" / MODEL_FILE), history(models[1])
     print({k: (a[k], b[k]) for k in ("train_loss", "val_mean_iu", "val_pixel_acc")})

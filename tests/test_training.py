@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 import fcn_pipeline.training as training
 from fcn_pipeline.checkpoints import (
     CHECKPOINT_FILE,
+    LAST_MODEL_FILE,
     MODEL_FILE,
     load_model,
     model_record,
@@ -159,18 +159,34 @@ def test_missing_or_mismatched_coarser_model_is_a_clear_error(tiny_data, tmp_pat
     assert not (tmp_path / "fcn16s" / MODEL_FILE).exists()
 
 
-def test_corrupt_checkpoint_is_a_clear_error_and_overwrites_nothing(tiny_data, tmp_path):
+def test_corrupt_checkpoint_is_set_aside_and_training_starts_over(tiny_data, tmp_path):
+    """A checkpoint is only a record of progress: a corrupt one is renamed with a one-line
+    warning naming it, and the rerun trains afresh to exactly what a clean run gives."""
     params = tiny_params(tiny_data, tmp_path)
     train_variant(params, "fcn32s", 1)
     model_file = tmp_path / "fcn32s" / MODEL_FILE
     before = model_file.read_bytes()
     checkpoint = tmp_path / "fcn32s" / CHECKPOINT_FILE
     checkpoint.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=re.escape(f"{checkpoint}: corrupt")):
-        train_variant(params, "fcn32s", 1)
-    assert model_file.read_bytes() == before
+    lines: list[str] = []
+    result = train_variant(params, "fcn32s", 1, log=lines.append)
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(checkpoint) in warnings[0], lines
+    assert "\n" not in warnings[0] and "weights_only" not in warnings[0]
+    assert result.resumed_from == 0
+    assert (tmp_path / "fcn32s" / (CHECKPOINT_FILE + ".bad")).read_bytes() == b"not a checkpoint"
+    assert_same_weights(load_model(model_file), before)
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_model(checkpoint)
+        load_model(tmp_path / "fcn32s" / (CHECKPOINT_FILE + ".bad"))
+
+
+def assert_same_weights(model, record_bytes: bytes) -> None:
+    """``model``'s weights equal those of the model file whose bytes are given."""
+    import io
+
+    record = torch.load(io.BytesIO(record_bytes), weights_only=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, record["state_dict"][name]), name
 
 
 def test_nan_loss_stops_with_the_step_and_learning_rate(tiny_data, tmp_path, monkeypatch):
@@ -307,3 +323,187 @@ def test_same_geometry_with_batch_norm_trains_staged_and_reloads(tiny_data, tmp_
     # A paper-geometry FCN-16s cannot start from this same-geometry FCN-32s.
     with pytest.raises(CheckpointError, match="retrain the coarser variant"):
         train_variant(tiny_params(tiny_data, tmp_path, geometry="paper", norm="none"), "fcn16s", 1)
+
+
+def test_a_preloaded_training_set_trains_exactly_what_streamed_shards_train(tiny_data, tmp_path):
+    """Decoding once into memory changes where the pixels come from, not the run: the
+    same batches, flips and weights as PNGs decoded by a loader process every epoch."""
+    streamed = train_variant(
+        tiny_params(tiny_data, tmp_path / "s", preload_mb=0, workers=1, hflip=True), "fcn32s", 2
+    )
+    preloaded = train_variant(
+        tiny_params(tiny_data, tmp_path / "p", preload_mb=64, hflip=True), "fcn32s", 2
+    )
+    for key in ("train_loss", "val_mean_iu", "val_pixel_acc"):
+        assert [h[key] for h in streamed.history] == [h[key] for h in preloaded.history], key
+    assert state_dicts_equal(model_state(streamed.model_path), model_state(preloaded.model_path))
+
+
+def test_preload_holds_only_sets_under_the_limit(tiny_data):
+    from fcn_pipeline.data import PreloadedDataset, SegmentationDataset, preload
+
+    dataset = SegmentationDataset(tiny_data / "ingested", "train")
+    assert dataset.decoded_bytes() == sum(4 * h * w for h, w in dataset.sizes) > 0
+    assert preload(dataset, 0) is dataset
+    held = preload(dataset, 1)
+    assert isinstance(held, PreloadedDataset) and len(held) == len(dataset)
+    for i in (0, len(dataset) - 1):
+        assert torch.equal(held[i].image, dataset[i].image)
+        assert torch.equal(held[i].mask, dataset[i].mask) and held[i].id == dataset[i].id
+
+
+def test_bf16_cpu_training_is_repeatable_and_recorded(tiny_data, tmp_path):
+    runs = [
+        train_variant(tiny_params(tiny_data, tmp_path / n, precision="bf16"), "fcn32s", 1)
+        for n in ("a", "b")
+    ]
+    assert state_dicts_equal(model_state(runs[0].model_path), model_state(runs[1].model_path))
+    fp32 = train_variant(tiny_params(tiny_data, tmp_path / "f", precision="fp32"), "fcn32s", 1)
+    assert not state_dicts_equal(model_state(fp32.model_path), model_state(runs[0].model_path))
+    assert runs[0].runtime["precision"] == "bf16" and fp32.runtime["precision"] == "fp32"
+    record = torch.load(runs[0].model_path, weights_only=True)
+    assert record["runtime"]["precision"] == "bf16"
+    assert record["runtime"]["threads"] == torch.get_num_threads()
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from fcn_pipeline import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    assert runtime.training_dtype(cpu) == torch.float32
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+    assert runtime.training_dtype(cpu) == torch.bfloat16
+    assert runtime.training_dtype(cpu, "fp32") == torch.float32
+    assert runtime.training_dtype(torch.device("cuda")) == torch.bfloat16
+
+
+def test_a_checkpoint_of_another_thread_count_is_not_resumed_and_the_log_says_why(
+    tiny_data, tmp_path
+):
+    params = tiny_params(tiny_data, tmp_path, threads=1)
+
+    def kill(epoch: int, metrics: dict) -> None:
+        raise InterruptError
+
+    with pytest.raises(InterruptError):
+        train_variant(params, "fcn32s", 2, on_epoch_end=kill)
+    lines: list[str] = []
+    again = train_variant(
+        tiny_params(tiny_data, tmp_path, threads=2), "fcn32s", 2, log=lines.append
+    )
+    assert again.resumed_from == 0
+    assert any("threads 1 -> 2" in line for line in lines), lines
+    # The same thread count does resume.
+    with pytest.raises(InterruptError):
+        train_variant(params, "fcn32s", 2, on_epoch_end=kill)
+    assert train_variant(params, "fcn32s", 2).resumed_from == 1
+
+
+def test_plateau_stop_keeps_the_best_epoch_in_model_pt_and_the_last_beside_it(tiny_data, tmp_path):
+    # A gain of 1.0 in mean IU is never made: the run stops once `patience` epochs pass.
+    params = tiny_params(tiny_data, tmp_path, plateau_patience=2, plateau_min_gain=1.0)
+    result = train_variant(params, "fcn32s", 6)
+    assert result.stopped_on_plateau and result.epochs == 3 and len(result.history) == 3
+    curve = [h["val_mean_iu"] for h in result.history]
+    assert result.best_epoch == 1 + curve.index(max(curve))
+    best, last = (
+        torch.load(p, weights_only=True)
+        for p in (result.model_path, result.model_path.with_name(LAST_MODEL_FILE))
+    )
+    assert best["epoch"] == result.best_epoch and last["epoch"] == 3
+    assert best["best_epoch"] == result.best_epoch and best["stopped_on_plateau"] is True
+    checkpoint = torch.load(tmp_path / "fcn32s" / CHECKPOINT_FILE, weights_only=True)
+    assert state_dicts_equal(last["state_dict"], checkpoint["model"])
+    assert state_dicts_equal(best["state_dict"], checkpoint["best_model"])
+    assert result.summary["best_val_mean_iu"] == max(curve)
+    # Rerun: a finished run is restored, says so, and trains nothing more.
+    lines: list[str] = []
+    again = train_variant(params, "fcn32s", 6, log=lines.append)
+    assert again.resumed_from == 3 and again.epochs == 3 and again.stopped_on_plateau
+    assert any("holds a finished run" in line for line in lines), lines
+
+
+def test_best_epoch_is_the_model_and_the_next_variant_starts_from_it(tiny_data, tmp_path):
+    params = tiny_params(tiny_data, tmp_path, lr=0.05)  # an lr that makes the curve wander
+    result = train_variant(params, "fcn32s", 4)
+    best = torch.load(result.model_path, weights_only=True)
+    curve = [h["val_mean_iu"] for h in result.history]
+    assert best["epoch"] == 1 + curve.index(max(curve))
+    fcn16s = train_variant(params, "fcn16s", 0)  # 0 epochs: its initialisation
+    init = model_state(fcn16s.model_path)
+    assert torch.equal(init["score_fr.weight"], best["state_dict"]["score_fr.weight"])
+
+
+@pytest.mark.parametrize(
+    ("curve", "patience", "gain", "expected"),
+    [
+        ([0.1, 0.2, 0.3], 2, 0.01, False),
+        ([0.3, 0.305, 0.309], 2, 0.01, True),
+        ([0.3, 0.305, 0.311], 2, 0.01, False),
+        ([0.5, 0.4, 0.45], 2, 0.0, True),
+        ([0.1, 0.1], 0, 0.0, False),
+        ([0.1], 1, 0.0, False),
+    ],
+)
+def test_plateau_rule(curve, patience, gain, expected):
+    assert training.plateau_reached(curve, patience, gain) is expected
+
+
+def test_the_poly_schedule_decays_the_learning_rate_of_every_step(tiny_data, tmp_path):
+    params = tiny_params(tiny_data, tmp_path, lr=0.01, poly_power=0.9)
+    result = train_variant(params, "fcn32s", 2)
+    steps = result.history[0]["train_images"] // params.batch_size
+    # `lr` is the rate of each epoch's last step: step k of 2 * steps runs at
+    # lr * (1 - k / total) ** 0.9.
+    for epoch, metrics in enumerate(result.history, start=1):
+        expected = 0.01 * training.poly_factor(epoch * steps - 1, 2 * steps, 0.9)
+        assert metrics["lr"] == pytest.approx(expected, rel=1e-6)
+    fixed_params = tiny_params(tiny_data, tmp_path / "f", schedule="fixed", lr=0.01)
+    fixed = train_variant(fixed_params, "fcn32s", 1)
+    assert fixed.history[0]["lr"] == 0.01
+
+
+def test_a_resumed_run_with_loss_sampling_draws_what_an_uninterrupted_one_draws(
+    tiny_data, tmp_path
+):
+    settings = {"loss_sampling": 0.5, "hflip": True}
+    reference = train_variant(tiny_params(tiny_data, tmp_path / "ref", **settings), "fcn32s", 2)
+    params = tiny_params(tiny_data, tmp_path / "run", **settings)
+
+    def kill(epoch: int, metrics: dict) -> None:
+        raise InterruptError
+
+    with pytest.raises(InterruptError):
+        train_variant(params, "fcn32s", 2, on_epoch_end=kill)
+    resumed = train_variant(params, "fcn32s", 2)
+    assert resumed.resumed_from == 1
+    assert [h["train_loss"] for h in resumed.history] == [
+        h["train_loss"] for h in reference.history
+    ]
+    assert state_dicts_equal(model_state(resumed.model_path), model_state(reference.model_path))
+
+
+def test_a_retrained_coarser_model_or_new_data_is_never_resumed_over(tiny_data, tmp_path):
+    """FCN-16s's checkpoint belongs to the FCN-32s it started from and the data it read."""
+    params = tiny_params(tiny_data, tmp_path)
+    train_variant(params, "fcn32s", 1)
+    train_variant(params, "fcn16s", 1)
+    assert train_variant(params, "fcn16s", 1).resumed_from == 1  # unchanged: restored
+    train_variant(tiny_params(tiny_data, tmp_path, seed=9), "fcn32s", 1)  # a new FCN-32s
+    assert train_variant(params, "fcn16s", 1).resumed_from == 0
+
+    from fcn_pipeline.data import SegmentationDataset
+
+    datasets = [SegmentationDataset(tiny_data / "ingested", "train")]
+    init = tmp_path / "fcn32s" / MODEL_FILE
+    before = training.run_fingerprint(params, "fcn16s", 1, datasets, init)
+    assert training.run_fingerprint(params, "fcn16s", 1, datasets, None) != before
+    copy = tmp_path / "data-copy"
+    import shutil
+
+    shutil.copytree(tiny_data / "ingested", copy)
+    meta = (copy / "dataset.json").read_text()
+    (copy / "dataset.json").write_text(meta.replace('"images"', '"images" ', 1))
+    changed = [SegmentationDataset(copy, "train")]
+    assert training.run_fingerprint(params, "fcn16s", 1, changed, init) != before
