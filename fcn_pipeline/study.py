@@ -26,6 +26,7 @@ import io
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,15 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # usable in a git ref (exper
 _KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*$")
 STAGED = ("fcn32s", "fcn16s", "fcn8s")  # the order training runs (curves are joined)
 ALPHA = 0.05  # two-sided significance level of the comparisons
+# A run has converged (its curve is flat) when the mean validation mean IU over the last
+# FLAT_SHARE of its epochs beats the mean over the FLAT_SHARE before by less than FLAT_GAIN.
+FLAT_SHARE = 0.2
+FLAT_GAIN = 0.01
+FLAT_RULE = (
+    f"a run has converged when its mean validation mean IU over the last fifth of its "
+    f"epochs (all staged nets' epochs in order) exceeds the mean over the fifth before by "
+    f"less than {FLAT_GAIN}"
+)
 TEST_NAME = "Welch's two-sample t-test (unequal variances), two-sided"
 
 
@@ -265,6 +275,21 @@ def training_curve(stages: list[dict[str, list[float]]]) -> dict[str, list[float
 TARGET_UNITS = ("epochs", "images", "minutes")  # of ``to_target``
 
 
+def flat_gain(values: list[float]) -> float | None:
+    """Mean of the last fifth of ``values`` minus the mean of the fifth before it (at
+    least one value each); None for fewer than two values."""
+    part = max(1, int(len(values) * FLAT_SHARE))
+    if len(values) < 2 * part or len(values) < 2:
+        return None
+    return float(np.mean(values[-part:]) - np.mean(values[-2 * part : -part]))
+
+
+def converged(values: list[float]) -> bool:
+    """Whether a validation curve is flat by :data:`FLAT_RULE`."""
+    gain = flat_gain(values)
+    return gain is not None and gain < FLAT_GAIN
+
+
 def to_target(curve: dict[str, list[float]], target: float) -> dict[str, float | None]:
     """Epochs, images (training samples) seen and minutes spent, accumulated over the
     staged trainings, at the first epoch whose validation mean IU is at least
@@ -312,6 +337,9 @@ def run_record(
             net: _number(scores.get("mean_iu")) for net, scores in (stages or {}).items()
         },
         "train_minutes": curve["minutes"][-1] if curve["minutes"] else 0.0,
+        "epochs_run": len(curve["val_mean_iu"]),
+        "converged": converged(curve["val_mean_iu"]),
+        "flat_gain": flat_gain(curve["val_mean_iu"]),
         **extra,
         "curve": curve,
     }
@@ -335,56 +363,38 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None, in
     return float(kept.mean()), std, int(kept.size)
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta (modified Lentz)."""
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    result = d
-    for m in range(1, 400):
-        for numerator in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            result *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return result
-
-
-def incomplete_beta(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta function ``I_x(a, b)`` for ``0 <= x <= 1``."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    if x < (a + 1.0) / (a + b + 2.0):  # where the fraction converges fast
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
 def welch_t_test(a: list[float], b: list[float]) -> dict[str, float | None]:
-    """Welch's t statistic, Welch-Satterthwaite degrees of freedom and two-sided p.
+    """Welch's t statistic, Welch-Satterthwaite degrees of freedom, two-sided p
+    (``scipy.stats.ttest_ind(equal_var=False)``) and the 95 % confidence interval of
+    ``mean(a) - mean(b)`` (``ci_low``, ``ci_high``).
 
-    ``t = (mean_a - mean_b) / sqrt(s_a^2/n_a + s_b^2/n_b)``; ``p = I_{df/(df+t^2)}(df/2, 1/2)``.
-    Needs two values per side; with no spread at all, ``p`` is 0 when the means
-    differ and 1 when they do not.
+    Undefined (all None) with fewer than two values on a side or no spread at all on
+    both: a test of two constant groups says nothing, not p = 0.
     """
+    from scipy import stats
+
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if x.size < 2 or y.size < 2:
-        return {"t": None, "df": None, "p": None}
-    vx, vy = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
-    diff = float(x.mean() - y.mean())
-    if vx + vy == 0.0:
-        return {"t": None, "df": None, "p": 0.0 if diff != 0.0 else 1.0}
-    t = diff / math.sqrt(vx + vy)
-    df = (vx + vy) ** 2 / (vx**2 / (x.size - 1) + vy**2 / (y.size - 1))
-    p = incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-    return {"t": t, "df": float(df), "p": float(min(max(p, 0.0), 1.0))}
+    undefined = {"t": None, "df": None, "p": None, "ci_low": None, "ci_high": None}
+    if x.size < 2 or y.size < 2 or x.var(ddof=1) + y.var(ddof=1) == 0.0:
+        return undefined
+    with warnings.catch_warnings():  # near-equal values: scipy warns, the test stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_ind(x, y, equal_var=False)
+        low, high = result.confidence_interval(0.95)
+    return {"t": float(result.statistic), "df": float(result.df), "p": float(result.pvalue),
+            "ci_low": float(low), "ci_high": float(high)}  # fmt: skip
+
+
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p values (None stays None): the
+    k-th smallest of m is multiplied by m - k + 1, kept monotone and capped at 1."""
+    ranked = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    adjusted: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for k, (p, i) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - k) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def aggregate(runs: list[dict], settings: list[str]) -> dict[str, dict[str, Any]]:
@@ -409,6 +419,8 @@ def aggregate(runs: list[dict], settings: list[str]) -> dict[str, dict[str, Any]
                 [m["large_object"]["dominant_class_iu"] for m in metrics]
             ),
             "train_minutes": mean_std([r["train_minutes"] for r in mine]),
+            "epochs_run": mean_std([r.get("epochs_run") for r in mine]),
+            "converged": sum(bool(r.get("converged")) for r in mine),
             **{
                 f"{unit}_to_target": mean_std([(r.get("to_target") or {}).get(unit) for r in mine])
                 for unit in TARGET_UNITS
@@ -451,15 +463,41 @@ def compare(
         ]
         values = [[v for v in side if v is not None] for side in every]
         if metric.endswith("_to_target") and any(None in side for side in every):
-            values, test = [[], []], {"t": None, "df": None, "p": None}
+            values, test = [[], []], welch_t_test([], [])
         else:
             test = welch_t_test(*values)
         diff = float(np.mean(values[0]) - np.mean(values[1])) if all(values) else None
-        significant = test["p"] is not None and test["p"] < ALPHA
         name = f"{stage} mean_iu" if stage is not None else metric
+        unconverged = sum(
+            not r.get("converged", False) for r in runs if r["setting_name"] in (first, second)
+        )
         out.append({"a": first, "b": second, "metric": name, "difference": diff, **test,
-                    "exceeds_seed_spread": significant})  # fmt: skip
-    return out
+                    "unconverged_runs": unconverged})  # fmt: skip
+    return with_holm(out)
+
+
+def with_holm(family: list[dict]) -> list[dict]:
+    """``family``'s rows with ``p_holm`` (Holm over the family) and
+    ``exceeds_seed_spread`` (``p_holm`` < :data:`ALPHA`)."""
+    for row, adjusted in zip(family, holm([row["p"] for row in family]), strict=True):
+        row["p_holm"] = adjusted
+        row["exceeds_seed_spread"] = adjusted is not None and adjusted < ALPHA
+    return family
+
+
+def compare_classes(runs: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
+    """Per-class IU of each pair, one family over every (class, pair) for Holm's
+    adjustment (a run where the class is absent is left out)."""
+    classes = list(dict.fromkeys(c for r in runs for c in r["metrics"]["per_class_iu"]))
+    family = []
+    for name in classes:
+        per_class = [
+            {**r, "metrics": {**r["metrics"], "class_iu": r["metrics"]["per_class_iu"].get(name)}}
+            for r in runs
+        ]
+        for row in compare(per_class, pairs, "class_iu"):
+            family.append({**row, "metric": f"IU {name}"})
+    return with_holm(family)
 
 
 # --- the report ----------------------------------------------------------------------
@@ -472,16 +510,41 @@ def _pm(stat: tuple[float | None, float | None, int] | list, digits: int = 4) ->
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
 
 
-def report_markdown(results: dict, summary: dict, comparisons: list[dict]) -> str:
+def comparison_table(rows: list[dict]) -> list[str]:
+    """Markdown rows of :func:`compare`'s output."""
+    lines = ["| a | b | metric | a - b | 95 % CI | t | df | p | p (Holm) | detected |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in rows:
+        digits = 2 if c["metric"] == "epochs_to_target" else 4
+        interval = (f"[{_fmt(c['ci_low'], digits)}, {_fmt(c['ci_high'], digits)}]"
+                    if c.get("ci_low") is not None else "-")  # fmt: skip
+        cells = [_fmt(c["difference"], digits), interval, _fmt(c["t"], 3), _fmt(c["df"], 1),
+                 _fmt(c["p"], 4), _fmt(c.get("p_holm"), 4)]  # fmt: skip
+        verdict = "yes" if c["exceeds_seed_spread"] else "no"
+        if c["p"] is None and c["metric"].endswith("_to_target"):
+            verdict = "n/a (a run never reached the target)"
+        elif c["p"] is None:
+            verdict = "n/a (< 2 seeds or no spread)"
+        if c.get("unconverged_runs"):
+            verdict += f" (*unconverged*: {c['unconverged_runs']} runs)"
+        lines.append(f"| {c['a']} | {c['b']} | {c['metric']} | {' | '.join(cells)} | {verdict} |")
+    return lines
+
+
+def report_markdown(
+    results: dict, summary: dict, comparisons: list[dict], per_class: list[dict] | None = None
+) -> str:
     """``report.md``: per setting mean ± std over seeds, per-class IU, the comparisons."""
     settings = list(summary)
     lines = [f"# Study `{results['study']}`", ""]
     lines += [f"- dataset: {results['dataset']}; variant scored: {results['variant']}"]
     lines += [f"- runs: {len(results['runs'])} ({len(settings)} settings x seeds)"]
-    lines += ["- ± is the sample standard deviation over seeds (n - 1)", ""]
+    lines += ["- ± is the sample standard deviation over seeds (n - 1)"]
+    lines += [f"- converged: {FLAT_RULE}", ""]
     lines += ["| setting | overrides | seeds | mean IU | pixel acc. | mean (class) acc. "
-              "| large-object images | large-object mean IU | dominant-class IU | train minutes |",
-              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| large-object images | large-object mean IU | dominant-class IU | train minutes "
+              "| epochs | converged |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, row in summary.items():
         setting = next((r["setting"] for r in results["runs"] if r["setting_name"] == name), {})
         overrides = ", ".join(f"`{k}={v}`" for k, v in setting.items()) or "(base)"
@@ -490,7 +553,8 @@ def report_markdown(results: dict, summary: dict, comparisons: list[dict]) -> st
             f"| {_pm(row['pixel_acc'])} | {_pm(row['mean_acc'])} "
             f"| {_pm(row['large_object_images'], 1)} "
             f"| {_pm(row['large_object_mean_iu'])} | {_pm(row['dominant_class_iu'])} "
-            f"| {_pm(row['train_minutes'], 2)} |"
+            f"| {_pm(row['train_minutes'], 2)} | {_pm(row['epochs_run'], 1)} "
+            f"| {row['converged']}/{len(row['seeds'])} |"
         )
     nets = list(dict.fromkeys(n for row in summary.values() for n in row.get("stage_mean_iu", {})))
     if nets:
@@ -524,25 +588,26 @@ def report_markdown(results: dict, summary: dict, comparisons: list[dict]) -> st
             _pm(summary[s]["per_class_iu"].get(c, (None, None, 0))) for s in settings
         )
         lines.append(f"| {c} | {cells} |")
-    lines += ["", "## Comparisons", "", f"Test: {TEST_NAME} over the seeds, at p < {ALPHA}."]
-    lines += ["A difference exceeds the seed spread when the test rejects equal means.", ""]
+    lines += [
+        "",
+        "## Comparisons",
+        "",
+        f"Test: {TEST_NAME} over the seeds; 95 % "
+        "confidence interval of a - b (Welch-Satterthwaite); p adjusted by Holm's method "
+        "within each family (one metric over the study's pairs; per-class IU: every class "
+        f"and pair). A difference is detected when the adjusted p < {ALPHA}; no detected "
+        "difference is not a proof of equality: the interval shows which differences "
+        "the seeds cannot rule out. Undefined tests (fewer than 2 seeds, or no spread "
+        "on either side) show '-'. A comparison marked *unconverged* involves runs whose "
+        "curves were still rising (rule above): it holds for that budget only.",
+        "",
+    ]
     if comparisons:
-        lines += ["| a | b | metric | a - b | t | df | p | exceeds seed spread |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for c in comparisons:
-            digits = 2 if c["metric"] == "epochs_to_target" else 4
-            cells = [_fmt(c["difference"], digits), _fmt(c["t"], 3), _fmt(c["df"], 1),
-                     _fmt(c["p"], 4)]  # fmt: skip
-            verdict = "yes" if c["exceeds_seed_spread"] else "no"
-            if c["p"] is None and c["metric"].endswith("_to_target"):
-                verdict = "n/a (a run never reached the target)"
-            elif c["p"] is None:
-                verdict = "n/a (< 2 seeds)"
-            lines.append(
-                f"| {c['a']} | {c['b']} | {c['metric']} | {' | '.join(cells)} | {verdict} |"
-            )
+        lines += comparison_table(comparisons)
     else:
         lines.append("No comparisons (one setting).")
+    if per_class:
+        lines += ["", "## Per-class comparisons", "", *comparison_table(per_class)]
     lines += ["", "## Plots", "", "![per-class IU](per_class_iu.png)", ""]
     lines += ["![validation mean IU against images seen](val_mean_iu_vs_images.png)", ""]
     lines += ["![validation mean IU against minutes](val_mean_iu_vs_minutes.png)", ""]
@@ -629,9 +694,10 @@ def write_report(out: str | Path, results: dict, pairs: list[tuple[str, str]]) -
         comparisons += compare(results["runs"], pairs, stage=net)
     if results.get("target_val_mean_iu") is not None:
         comparisons += compare(results["runs"], pairs, "epochs_to_target")
+    per_class = compare_classes(results["runs"], pairs)
     with atomic_output_dir(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (tmp / "report.md").write_text(report_markdown(results, summary, comparisons))
+        (tmp / "report.md").write_text(report_markdown(results, summary, comparisons, per_class))
         plot_per_class(tmp / "per_class_iu.png", summary)
         plot_curves(
             tmp / "val_mean_iu_vs_images.png",

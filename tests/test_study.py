@@ -15,7 +15,9 @@ from fcn_pipeline.evaluation import large_object_scores
 from fcn_pipeline.study import (
     aggregate,
     compare,
-    incomplete_beta,
+    converged,
+    flat_gain,
+    holm,
     load_study,
     mean_std,
     to_target,
@@ -124,16 +126,23 @@ def test_welch_t_test_against_a_hand_computed_case():
     expected = 1.0 - math.sqrt(t2 / (t2 + 4.0)) * (1.0 + 2.0 / (t2 + 4.0))
     assert result["p"] == pytest.approx(expected, rel=1e-9)
     assert 0.02 < result["p"] < 0.022
+    # 95 % interval of the difference: -3 -+ t_{0.975, 4} * sqrt(2/3), t_{0.975, 4} = 2.7764.
+    half = 2.776445105 * math.sqrt(2.0 / 3.0)
+    assert result["ci_low"] == pytest.approx(-3.0 - half) and result["ci_high"] == pytest.approx(
+        -3.0 + half
+    )
     # Unequal variances and sizes: df below n_a + n_b - 2.
     uneven = welch_t_test([0.1, 0.2, 0.3, 0.4], [0.5, 0.9])
     assert 1.0 <= uneven["df"] < 4.0
-    assert welch_t_test([1.0], [2.0, 3.0]) == {"t": None, "df": None, "p": None}
+    assert welch_t_test([1.0], [2.0, 3.0])["p"] is None
+    # Two constant groups: no test, not p = 0.
+    assert welch_t_test([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])["p"] is None
 
 
-def test_incomplete_beta_matches_scipy_where_installed():
-    special = pytest.importorskip("scipy.special")
-    for a, b, x in [(2.0, 0.5, 0.3), (0.7, 0.5, 0.95), (15.0, 0.5, 0.5), (1.0, 1.0, 0.25)]:
-        assert incomplete_beta(a, b, x) == pytest.approx(special.betainc(a, b, x), rel=1e-10)
+def test_holm_adjusts_a_family_step_down():
+    assert holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None], nan_ok=True)
+    assert holm([0.5, 0.6]) == [1.0, 1.0]
+    assert holm([]) == []
 
 
 def test_mean_std_skips_missing_values_and_uses_the_sample_std():
@@ -194,7 +203,10 @@ def test_time_to_target_is_aggregated_reported_and_compared_only_when_all_reache
     assert "| fast | 3/3 | 101.00 ± 1.00 | 1010 ± 10 | 1.00 ± 0.00 |" in report
     assert "| never | 2/3 | 305.00 ± 7.07 | 3050 ± 71 |" in report
     assert "| fast | slow | epochs_to_target | -101.00 |" in report
-    assert "| fast | never | epochs_to_target | - | - | - | - | n/a (a run never reached" in report
+    assert (
+        "| fast | never | epochs_to_target | - | - | - | - | - | - | n/a (a run never reached"
+        in (report)
+    )
 
 
 def fake_run(setting, seed, mean_iu, pole):
@@ -288,3 +300,38 @@ def test_a_study_refuses_to_start_over_staged_changes_and_names_them(tmp_path):
     check_index(str(repo))
     with pytest.raises(PipelineError, match="outside: not a git work tree"):
         check_index(str(outside))
+
+
+@pytest.mark.parametrize(
+    ("curve", "gain", "flat"),
+    [
+        ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], 0.2, False),  # fifths of 2
+        ([0.5] * 8 + [0.505, 0.508], 0.0065, True),
+        ([0.1, 0.5, 0.6, 0.6, 0.605], 0.005, True),  # a fifth of 5 epochs is 1
+        ([0.1, 0.5, 0.6, 0.6, 0.62], 0.02, False),
+        ([0.4], None, False),  # one epoch: no fifth before the last
+    ],
+)
+def test_converged_by_the_fifths_rule(curve, gain, flat):
+    assert (flat_gain(curve) is None) if gain is None else flat_gain(curve) == pytest.approx(gain)
+    assert converged(curve) is flat
+
+
+def test_report_counts_converged_runs_and_marks_comparisons_with_unconverged_ones(tmp_path):
+    runs = [fake_run("frozen", s, 0.5 + 0.01 * s, 0.1) for s in range(3)]
+    runs += [fake_run("interp", s, 0.4 + 0.01 * s, 0.2) for s in range(3)]
+    for run in runs:  # frozen flat, interp still rising
+        run["converged"] = run["setting_name"] == "frozen"
+        run["epochs_run"] = 10
+    summary = aggregate(runs, ["frozen", "interp"])
+    assert summary["frozen"]["converged"] == 3 and summary["interp"]["converged"] == 0
+    [row] = compare(runs, [("frozen", "interp")])
+    assert row["unconverged_runs"] == 3
+    flat_only = [r for r in runs if r["setting_name"] == "frozen"]
+    flat_only += [dict(r, setting_name="other", converged=True) for r in flat_only]
+    assert compare(flat_only, [("frozen", "other")])[0]["unconverged_runs"] == 0
+    results = {"study": "c", "dataset": "synthetic", "variant": "fcn8s", "runs": runs}
+    report = write_report(tmp_path / "c", results, [("frozen", "interp")]) / "report.md"
+    text = report.read_text()
+    assert "| 10.0 ± 0.0 | 3/3 |" in text and "| 10.0 ± 0.0 | 0/3 |" in text
+    assert "(*unconverged*: 3 runs)" in text and "last fifth" in text
