@@ -69,6 +69,63 @@ def _study(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     )
 
 
+def _predict(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    """A plain program: the library's predict, no params.yaml, no Prefect."""
+    import json
+
+    from fcn_pipeline.predict import describe, predict
+
+    if args.info:
+        print(json.dumps(describe(args.model), indent=2))
+        return None
+    if not args.inputs or not args.out:
+        raise ConfigError("predict: give INPUT files, directories or globs and --out DIR")
+    result = predict(
+        args.model, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
+        flip=args.flip, overlay=args.overlay, batch_size=args.batch_size, device=args.device,
+        keep_going=args.keep_going, log=lambda line: print(line, file=sys.stderr),
+    )  # fmt: skip
+    if result.failed:
+        raise PipelineError(f"{len(result.failed)} input(s) failed (listed above)")
+    return result
+
+
+def _export(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    from fcn_pipeline.export import export
+
+    path = export(args.model, args.format, args.out)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def _add_predict(stages: Any) -> None:
+    predict = stages.add_parser(
+        "predict", help="class masks of new images with a trained model.pt or .onnx"
+    )
+    option = predict.add_argument
+    option("model", metavar="MODEL", help="models/<variant>/model.pt or an exported .onnx")
+    option("inputs", nargs="*", metavar="INPUT", help="image files, directories, glob patterns")
+    option("--out", metavar="DIR", help="writes DIR/<relative path>.png (palette PNG masks)")
+    option("--info", action="store_true", help="print what MODEL records and exit")
+    option("--overlay", action="store_true", help="also <name>.overlay.jpg with a legend")
+    option("--tile", type=int, metavar="PX", help="sliding window side for large images")
+    option("--overlap", type=int, default=0, metavar="PX", help="window overlap (with --tile)")
+    option("--flip", action="store_true", help="average with the mirrored image's scores")
+    option("--batch-size", type=int, default=8, metavar="N", help="same-size images per pass")
+    option("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    option("--keep-going", action="store_true", help="skip bad inputs, list them, exit 1")
+    predict.set_defaults(run=_predict, plain=True)
+
+
+def _add_export(stages: Any) -> None:
+    export = stages.add_parser("export", help="a trained model.pt as ONNX or TorchScript")
+    option = export.add_argument
+    option("model", metavar="MODEL", help="models/<variant>/model.pt")
+    option("--format", required=True, choices=["onnx", "torchscript"])
+    option("--out", required=True, metavar="FILE", help="the file to write")
+    export.set_defaults(run=_export, plain=True)
+
+
 def _add_ingest(stages: Any) -> None:
     ingest = stages.add_parser("ingest", help="read a dataset into versioned Parquet shards")
     option = ingest.add_argument
@@ -174,7 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="show tracebacks on failure (also FCN_DEBUG=1)",
     )
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for add in (_add_ingest, _add_stats, _add_patches, _add_train, _add_evaluate, _add_study):
+    for add in (
+        _add_ingest, _add_stats, _add_patches, _add_train, _add_evaluate, _add_study,
+        _add_predict, _add_export,
+    ):  # fmt: skip
         add(stages)
     return parser
 
@@ -191,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         key: value for key, value in vars(args).items() if "." in key and value is not None
     }
     run: Callable[[argparse.Namespace, dict[str, Any]], Any] = args.run
+    plain = getattr(args, "plain", False)  # predict, export: no params.yaml, no Prefect
     try:
+        if plain:
+            run(args, overrides)
+            return 0
         load_params(args.params, overrides)  # fail fast, before Prefect starts
         if getattr(args, "variant", None) is not None:
             check_staged_variant(args.variant, name="--variant")
@@ -204,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         with prefect_api():
             run(args, overrides)
     except KeyboardInterrupt:
+        if plain:
+            return _fail(args, "interrupted; the outputs written are complete", status=130)
         return _fail(args, "interrupted; the previous outputs are as they were", status=130)
     except PipelineError as error:
         return _fail(args, str(error))
