@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fcn_pipeline.class_weights import SCHEMES
-from fcn_pipeline.errors import ConfigError
+from fcn_pipeline.errors import ConfigError, printable
 
 Split = Literal["train", "val", "test"]
 SourceFormat = Literal["synthetic", "camvid", "voc", "folder"]
@@ -328,6 +328,14 @@ def parse_params(
         )
     tree = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
     for key, value in (overrides or {}).items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a non-UTF-8 argument arrives with surrogates
+                raise ConfigError(
+                    f"{key} (command line): {printable(value)!r} is not valid UTF-8; "
+                    "rename the file or directory"
+                ) from None
         _set_dotted(tree, key, value)
     try:
         # Validating in JSON mode keeps strict typing (no "3" -> 3) while
@@ -343,9 +351,14 @@ def load_params(
     """Read and validate ``params.yaml``; raise :class:`ConfigError` naming the key."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: parameters file not found") from None
+        raise ConfigError(f"{printable(path)}: parameters file not found") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{printable(path)}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at "
+            f"offset {error.start}); write non-ASCII paths in UTF-8"
+        ) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     return parse_params(raw, source=str(path), overrides=overrides)

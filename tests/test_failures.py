@@ -507,3 +507,51 @@ def test_under_dvc_repro_a_failure_is_one_line_and_dvc_checkout_restores(
     assert not (project_copy / "data" / "ingested").exists()
     assert dvc("checkout", "ingest").returncode == 0
     assert snapshot(project_copy / "data" / "ingested") == before
+
+
+# --- paths that are not UTF-8 ------------------------------------------------------------
+
+
+def test_a_non_utf8_image_name_is_named_with_its_byte_escaped(tmp_path):
+    root = tmp_path / "data"
+    make_folder(root)
+    odd = Path(os.fsdecode(bytes(root / "images") + b"/img\xff9.png"))
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(odd)
+    with pytest.raises(InvalidInputError) as caught:
+        ingest(params("folder", root), tmp_path / "out")
+    message = str(caught.value)
+    assert f"{root / 'images'}/img\\xff9.png: file name is not valid UTF-8" in message
+    message.encode("utf-8")  # printable as it is
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_params_file_that_is_not_utf8_is_named(tmp_path):
+    from fcn_pipeline.config import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"data:\n  root: /data/\xff\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: not UTF-8 text \(byte 0xff at offset"):
+        load_params(path)
+
+
+def test_a_non_utf8_command_line_value_names_the_option_not_params_yaml(tmp_path):
+    from fcn_pipeline.config import load_params
+
+    root = os.fsdecode(b"/data/\xff")
+    with pytest.raises(ConfigError) as caught:
+        load_params(Path(__file__).resolve().parents[1] / "params.yaml", {"data.root": root})
+    message = str(caught.value)
+    assert message.startswith("data.root (command line): '/data/\\\\xff'")
+    assert "params.yaml" not in message and len(message) < 200
+
+
+def test_a_file_where_an_output_directory_goes_is_replaced_without_debris(tmp_path):
+    from fcn_pipeline.atomic import atomic_output_dir
+
+    final = tmp_path / "evaluation" / "fcn8s"
+    final.parent.mkdir()
+    final.write_text("a stray file")
+    with atomic_output_dir(final) as tmp:
+        (tmp / "metrics.json").write_text("{}")
+    assert (final / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["fcn8s"]  # no .fcn8s.old-*

@@ -54,6 +54,15 @@ def read_index_mask(path: str | Path, *, palette_ok: bool = True) -> np.ndarray:
         raise PairError(path, f"mask does not decode: {decode_failure(data, error)}") from None
 
 
+def utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (a non-UTF-8 file name holds lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def files_by_stem(
     directory: Path,
     suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
@@ -68,6 +77,10 @@ def files_by_stem(
     found: dict[str, Path] = {}
     for path in sorted(directory.iterdir()):
         if not (path.is_file() and path.suffix.lower() in suffixes):
+            continue
+        if not utf8(path.name):  # the id goes into Parquet and JSON, which hold UTF-8
+            if problems is not None:
+                problems.append((str(path), "file name is not valid UTF-8; rename the file"))
             continue
         if path.stem in found:
             if problems is not None:
