@@ -45,7 +45,9 @@ class SyntheticParams(StrictModel):
     seed: int = 0
     height: int = Field(96, ge=32, le=4096)
     width: int = Field(128, ge=32, le=4096)
-    splits: dict[Split, int] = Field(default_factory=lambda: {"train": 960, "val": 40, "test": 80})
+    splits: dict[Split, int] = Field(
+        default_factory=lambda: {"train": 1920, "val": 40, "test": 80}
+    )
     classes: list[SyntheticClass] = Field(
         default_factory=lambda: ["background", "bus", "disc", "triangle", "checker", "pole"]
     )
@@ -174,12 +176,12 @@ class TrainParams(StrictModel):
     loss_sampling: float = Field(1.0, gt=0.0, le=1.0)  # p: share of coarse cells kept
     sampling_cell: int | None = Field(None, ge=1)  # None = the variant's output stride
     optimizer: OptimizerName = "adam"
-    lr: float = Field(3e-3, gt=0.0)
+    lr: float = Field(8.5e-3, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
     weight_decay: float = Field(5e-4, ge=0.0)
     schedule: LrSchedule = "poly"
     poly_power: float = Field(0.9, gt=0.0)
-    batch_size: int = Field(2, ge=1, le=4096)
+    batch_size: int = Field(16, ge=1, le=4096)
     hflip: bool = True  # mirror each training image (and mask) with probability 1/2
     precision: Precision = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16
     preload_mb: int = Field(2048, ge=0)  # decode sets up to this size once, into memory
@@ -231,9 +233,9 @@ class EpochParams(StrictModel):
     its own count changes (``train@fcn8s`` reads ``fcn8s`` for the staged and the
     at-once FCN-8s alike)."""
 
-    fcn32s: int = Field(1, ge=0)
-    fcn16s: int = Field(1, ge=0)
-    fcn8s: int = Field(8, ge=0)
+    fcn32s: int = Field(4, ge=0)
+    fcn16s: int = Field(4, ge=0)
+    fcn8s: int = Field(32, ge=0)
 
 
 class EvaluateParams(StrictModel):
