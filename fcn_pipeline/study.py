@@ -273,6 +273,8 @@ def training_curve(stages: list[dict[str, list[float]]]) -> dict[str, list[float
 
 
 TARGET_UNITS = ("epochs", "images", "minutes")  # of ``to_target``
+# The large-object scores compared, by their name in the report: key in ``large_object``.
+LARGE_OBJECT_METRICS = {"large_object_mean_iu": "mean_iu", "dominant_class_iu": "dominant_class_iu"}
 
 
 def flat_gain(values: list[float]) -> float | None:
@@ -441,6 +443,8 @@ def run_value(run: dict, metric: str = "mean_iu", stage: str | None = None) -> f
         return run.get("stage_mean_iu", {}).get(stage)
     if metric.endswith("_to_target"):
         return (run.get("to_target") or {}).get(metric.removesuffix("_to_target"))
+    if metric in LARGE_OBJECT_METRICS:
+        return (run["metrics"].get("large_object") or {}).get(LARGE_OBJECT_METRICS[metric])
     return run["metrics"][metric]
 
 
@@ -685,7 +689,7 @@ def write_report(out: str | Path, results: dict, pairs: list[tuple[str, str]]) -
     settings = list(dict.fromkeys(r["setting_name"] for r in results["runs"]))
     summary = aggregate(results["runs"], settings)
     comparisons = [
-        row for metric in ("mean_iu", "pixel_acc", "mean_acc")
+        row for metric in ("mean_iu", "pixel_acc", "mean_acc", *LARGE_OBJECT_METRICS)
         for row in compare(results["runs"], pairs, metric)
     ]  # fmt: skip
     scored = results.get("variant")
