@@ -126,6 +126,17 @@ def _add_export(stages: Any) -> None:
     export.set_defaults(run=_export, plain=True)
 
 
+# What an interrupted study leaves (a stage's own outputs are atomic, a study's are not):
+# experiments that finished are DVC experiments; the one running was cut short.
+STUDY_INTERRUPTED = (
+    "interrupted; the experiments that finished are kept (dvc exp show) and a rerun skips "
+    "them; the one that was running is lost, and with --jobs 1 the workspace holds "
+    "outputs of the experiments run (DVC removed the cut one's): `git checkout -- . && "
+    "dvc checkout` restores the committed outputs (the train stages' checkpoint.pt is not "
+    "cached, so their next `dvc repro` retrains)"
+)
+
+
 def _add_ingest(stages: Any) -> None:
     ingest = stages.add_parser("ingest", help="read a dataset into versioned Parquet shards")
     option = ingest.add_argument
@@ -270,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if plain:
             return _fail(args, "interrupted; the outputs written are complete", status=130)
+        if args.stage == "study":
+            return _fail(args, STUDY_INTERRUPTED, status=130)
         return _fail(args, "interrupted; the previous outputs are as they were", status=130)
     except PipelineError as error:
         return _fail(args, str(error))
