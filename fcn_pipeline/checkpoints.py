@@ -8,15 +8,25 @@ so a foreign or malicious file is refused instead of unpickled.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from fcn_pipeline import distributed
 from fcn_pipeline.atomic import atomic_file
 from fcn_pipeline.errors import CheckpointError, OutputError, load_error_reason
 from fcn_pipeline.models import build_fcn
+from fcn_pipeline.runtime import cpu_capability, dtype_name
+
+if TYPE_CHECKING:
+    from fcn_pipeline.config import TrainParams
+    from fcn_pipeline.data import SegmentationDataset
 
 MODEL_FILE = "model.pt"  # the best validation epoch's weights
 LAST_MODEL_FILE = "model_last.pt"  # the last epoch's weights
@@ -107,15 +117,179 @@ def load_model(path: str | Path, class_names: list[str] | None = None) -> nn.Mod
     return model
 
 
+# train params that say how many processes run, not what they compute.
+DISTRIBUTED_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id", "dist_timeout_s")
+# --- resuming a training -------------------------------------------------------------
+
+
+# train params that change neither what is computed nor how: where files go, how data
+# reaches the loop, when to stop (a stop is decided again from the history on resume).
+UNFINGERPRINTED = {
+    "out",
+    "live",
+    "workers",
+    "device",
+    "eval_batch_size",
+    "preload_mb",
+    "plateau_patience",
+    "plateau_min_gain",
+    "precision",
+    "threads",
+}
+
+
+def runtime_record(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """How this process computes, beyond the params: floating-point results of the same
+    params and seed differ between devices, thread counts (how sums are split),
+    autocast dtypes and CPU instruction sets (which kernels oneDNN dispatches)."""
+    record: dict[str, Any] = {"device": device.type, "precision": dtype_name(dtype)}
+    if device.type == "cpu":
+        record.update(threads=torch.get_num_threads(), cpu=cpu_capability())
+    return record
+
+
+def run_fingerprint(
+    params: TrainParams,
+    net: str,
+    epochs: int,
+    datasets: list[SegmentationDataset],
+    init_path: Path | None,
+    world_size: int = 1,
+    runtime: dict[str, Any] | None = None,
+) -> str:
+    """What a resumable checkpoint must match: the params that shape training, the
+    net and its epochs, the data read (``dataset.json`` lists every shard), the
+    initial model, the number of processes and ``runtime`` (:func:`runtime_record`)."""
+    settings = params.model_dump(exclude=UNFINGERPRINTED)
+    for key in DISTRIBUTED_KEYS:  # how the processes meet: not what they compute
+        settings.pop(key)
+    parts = {
+        "params": settings,
+        "epochs": epochs,
+        "variant": net,
+        "data": [(dataset.root / "dataset.json").read_text() for dataset in datasets],
+        "init": file_sha256(init_path) if init_path else None,
+        "runtime": runtime or {},
+    }
+    if world_size > 1:  # ranks draw their own dropout, flips and loss-sampling masks
+        parts["world_size"] = world_size
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model``'s state (weights and BatchNorm statistics)."""
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+@dataclass
+class Progress:
+    """What a run has done so far: its epochs' metrics and its best epoch's weights."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return len(self.history)
+
+
+def set_aside(path: Path, reason: str, log: Callable[[str], None]) -> None:
+    """Rename an unusable checkpoint to ``<name>.bad`` (replacing an older one), so that
+    training starts over and the file stays for a look."""
+    aside = path.with_name(path.name + ".bad")
+    os.replace(path, aside)
+    log(f"warning: {path}: {reason}; moved to {aside.name}, training starts over")
+
+
+def _runtime_difference(old: Any, new: dict[str, Any]) -> str:
+    if not isinstance(old, dict):
+        return ""
+    changed = [
+        f"{key} {old.get(key)} -> {new.get(key)}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+    return f" (it was written with another runtime: {', '.join(changed)})" if changed else ""
+
+
+def resume(
+    checkpoint_path: Path,
+    fingerprint: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    log: Callable[[str], None],
+    runtime: dict[str, Any] | None = None,
+) -> Progress:
+    """Restore the last saved epoch of the same configuration, if any: the metrics of
+    the epochs done and the best epoch's weights (empty for a fresh start).
+
+    Under data parallelism rank 0 reads the checkpoint and hands it to the others, so
+    it needs to exist only where rank 0 runs."""
+    state = None
+    if distributed.world_from_env().main and checkpoint_path.exists():
+        try:
+            state = load_file(checkpoint_path, CHECKPOINT_FORMAT)
+        except CheckpointError as error:
+            set_aside(checkpoint_path, str(error).removeprefix(f"{checkpoint_path}: "), log)
+        if state is not None and state.get("fingerprint") != fingerprint:
+            log(
+                f"{model.variant}: {checkpoint_path} is from another configuration"
+                f"{_runtime_difference(state.get('runtime'), runtime or {})}; starting over"
+            )
+            state = None
+    state = distributed.broadcast_from_main(state)
+    if state is None:
+        return Progress()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    log(f"{model.variant}: resuming from {checkpoint_path} after epoch {state['epoch']}")
+    return Progress(list(state["history"]), state["best_model"])
+
+
+def save_checkpoint(
+    path: Path,
+    fingerprint: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+    runtime: dict[str, Any],
+) -> None:
+    """Everything :func:`resume` needs to continue after the last epoch of ``progress``."""
+    save_file(
+        path,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "runtime": runtime,
+            "variant": model.variant,
+            "epoch": progress.epoch,
+            "model": model.state_dict(),
+            "best_model": progress.best_state,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": progress.history,
+        },
+    )
+
+
 __all__ = [
     "CHECKPOINT_FILE",
     "CHECKPOINT_FORMAT",
     "LAST_MODEL_FILE",
     "MODEL_FILE",
     "MODEL_FORMAT",
+    "Progress",
     "file_sha256",
     "load_file",
     "load_model",
     "model_record",
+    "resume",
+    "run_fingerprint",
+    "runtime_record",
+    "save_checkpoint",
     "save_file",
+    "weights_copy",
 ]

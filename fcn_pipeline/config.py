@@ -45,9 +45,7 @@ class SyntheticParams(StrictModel):
     seed: int = 0
     height: int = Field(96, ge=32, le=4096)
     width: int = Field(128, ge=32, le=4096)
-    splits: dict[Split, int] = Field(
-        default_factory=lambda: {"train": 1920, "val": 40, "test": 80}
-    )
+    splits: dict[Split, int] = Field(default_factory=lambda: {"train": 1920, "val": 40, "test": 80})
     classes: list[SyntheticClass] = Field(
         default_factory=lambda: ["background", "bus", "disc", "triangle", "checker", "pole"]
     )

@@ -27,7 +27,7 @@ import torch
 from fcn_pipeline.atomic import atomic_file
 from fcn_pipeline.checkpoints import MODEL_FORMAT, load_file, load_model
 from fcn_pipeline.errors import PipelineError, printable
-from fcn_pipeline.predict import METADATA_KEY, ModelInfo, model_info
+from fcn_pipeline.scorers import METADATA_KEY, ModelInfo, model_info
 
 ExportFormat = Literal["onnx", "torchscript"]
 OPSET = 18

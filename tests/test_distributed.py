@@ -65,8 +65,19 @@ def test_global_batch_must_split_over_the_processes():
 
 
 def _tiny_net(num_classes: int) -> torch.nn.Module:
+    """A net whose predictions vary over the image (a fresh FCN's zero score layer would
+    predict class 0 everywhere, and a wrong sum over ranks could still look right)."""
     torch.manual_seed(5)
-    return build_fcn("fcn32s", num_classes, width=0.03125).eval()
+    model = build_fcn("fcn32s", num_classes, width=0.03125).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.2)
+    return model
+
+
+def _predicted_classes(hist: torch.Tensor) -> int:
+    """How many classes a confusion histogram's predictions (its columns) use."""
+    return int((hist.sum(0) > 0).sum())
 
 
 def _rank_confusion(rank: int, port: int, data: str, out: str) -> None:
@@ -92,6 +103,7 @@ def test_distributed_confusion_equals_the_one_process_one_exactly(tiny_data, tmp
     assert torch.equal(hists[0], hists[1])  # every rank holds the sum
     assert torch.equal(hists[0], single)
     assert int(single.sum()) == len(val_set) * 48 * 64  # each pixel counted once
+    assert _predicted_classes(single) >= 3  # predictions vary
 
 
 def _rank_test_scoring(rank: int, port: int, data: str, out: str) -> None:
@@ -116,6 +128,7 @@ def test_distributed_test_scoring_equals_the_one_process_one_exactly(tiny_data, 
     cpu = torch.device("cpu")
     test_set = SegmentationDataset(data, "test")
     hist, kept = predict_and_count(_tiny_net(6), test_set, batch_size=1, device=cpu, keep={0, 3})
+    assert _predicted_classes(hist) >= 3 and len({int(v) for v in kept[0].ravel()}) >= 2
     for rank in range(2):
         got = torch.load(tmp_path / f"test{rank}.pt", weights_only=True)
         assert torch.equal(got["hist"], hist)

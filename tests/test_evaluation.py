@@ -164,3 +164,50 @@ def test_unknown_variant_and_missing_model(tiny_data, tmp_path):
         evaluate_variant(eval_params(tiny_data, tmp_path, tmp_path), "fcn4s")
     with pytest.raises(CheckpointError, match=r"fcn8s/model\.pt: not found"):
         evaluate_variant(eval_params(tiny_data, tmp_path, tmp_path), "fcn8s")
+
+
+def test_void_pixels_count_nowhere_in_the_metrics(tmp_path):
+    """On a dataset whose masks hold void (255) pixels, evaluate's metrics equal a
+    computation by hand over the labelled pixels only, for a net whose predictions vary."""
+    from fcn_pipeline.config import DataParams
+    from fcn_pipeline.ingest import ingest
+    from tests.test_ingest import make_folder
+
+    stems = [f"img{i}" for i in range(8)]
+    masks = make_folder(tmp_path / "folder", n=8, size=(20, 24),
+                        splits={"train": stems[:4], "val": stems[4:5], "test": stems[5:]})
+    rng = np.random.default_rng(3)
+    for stem, mask in masks.items():  # a void band and scattered void pixels per image
+        mask[5:8, :] = 255
+        mask[rng.random(mask.shape) < 0.1] = 255
+        from PIL import Image
+
+        Image.fromarray(mask).save(tmp_path / "folder" / "masks" / f"{stem}.png")
+    data = tmp_path / "ingested"
+    ingest(DataParams(format="folder", root=str(tmp_path / "folder"), workers=1), data)
+    test_set = SegmentationDataset(data, "test")
+    names = test_set.meta.class_names
+    torch.manual_seed(0)
+    model = build_fcn("fcn32s", len(names), width=0.03125).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.2)
+    save_file(tmp_path / "models" / "fcn32s" / MODEL_FILE, model_record(model, names))
+    result = evaluate_variant(eval_params(data.parent, tmp_path / "models", tmp_path,
+                                          data=str(data)), "fcn32s", log=lambda _: None)
+    hist = torch.zeros((len(names), len(names)), dtype=torch.int64)
+    void = 0
+    for i in range(len(test_set)):
+        sample = test_set[i]
+        with torch.no_grad():
+            pred = model(sample.image[None]).argmax(1)[0]
+        hist += confusion_matrix(pred, sample.mask, len(names))
+        void += int((sample.mask == 255).sum())
+    assert void > 0 and _classes_predicted(hist) >= 2
+    assert result.metrics["pixels"] == int(hist.sum()) == len(test_set) * 20 * 24 - void
+    assert result.metrics["mean_iu"] == pytest.approx(segmentation_scores(hist)["mean_iu"])
+    assert result.metrics["pixel_acc"] == pytest.approx(segmentation_scores(hist)["pixel_acc"])
+
+
+def _classes_predicted(hist: torch.Tensor) -> int:
+    return int((hist.sum(0) > 0).sum())

@@ -95,3 +95,22 @@ def test_dvc_repro_whole_pipeline_then_metrics_and_plots(project_copy, prefect_a
     (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stale = json.loads(dvc(project_copy, "status", "--json", env=env).stdout)
     assert "train@fcn8s" in stale and "train@fcn16s" not in stale, stale
+
+    # After an experiment (as a study runs them), the committed state comes back with
+    # git and DVC alone, checkpoints included: nothing to retrain.
+    params["epochs"]["fcn8s"] = 1
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = lambda *a: subprocess.run(["git", *a], cwd=project_copy, check=True,  # noqa: E731
+                                    capture_output=True)  # fmt: skip
+    git("add", "-A")
+    git("commit", "-q", "-m", "tiny run")
+    before = (project_copy / "models" / "fcn8s" / "checkpoint.pt").read_bytes()
+    exp = dvc(project_copy, "exp", "run", "-S", "train.seed=9", env=env)
+    assert exp.returncode == 0, exp.stdout + exp.stderr
+    assert (project_copy / "models" / "fcn8s" / "checkpoint.pt").read_bytes() != before
+    git("checkout", "--", ".")
+    restored = dvc(project_copy, "checkout", env=env)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert (project_copy / "models" / "fcn8s" / "checkpoint.pt").read_bytes() == before
+    status = dvc(project_copy, "status", env=env)
+    assert "up to date" in status.stdout, status.stdout

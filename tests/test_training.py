@@ -507,3 +507,38 @@ def test_a_retrained_coarser_model_or_new_data_is_never_resumed_over(tiny_data, 
     (copy / "dataset.json").write_text(meta.replace('"images"', '"images" ', 1))
     changed = [SegmentationDataset(copy, "train")]
     assert training.run_fingerprint(params, "fcn16s", 1, changed, init) != before
+
+
+_STAGED_RUN = """
+import sys
+from fcn_pipeline.config import TrainParams
+from fcn_pipeline.training import train_variant
+data, out = sys.argv[1], sys.argv[2]
+params = TrainParams(data=data + "/ingested", patches=data + "/patches", stats=data + "/stats",
+                     out=out, width=0.03125, batch_size=4, eval_batch_size=4, device="cpu",
+                     workers=1, preload_mb=0, loss_sampling=0.5, hflip=True, seed=7)
+for variant in ("fcn32s", "fcn16s", "fcn8s"):
+    train_variant(params, variant, 2, log=lambda _: None)
+"""
+
+
+@pytest.mark.slow
+def test_a_staged_fcn8s_is_bit_identical_across_two_fresh_processes_with_loader_workers(
+    tiny_data, tmp_path
+):
+    """Two processes, each training FCN-32s -> 16s -> 8s with a loader process decoding the
+    shards, flips and loss sampling: the same weights and validation scores bit for bit."""
+    import subprocess
+    import sys
+
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", _STAGED_RUN, str(tiny_data), str(tmp_path / name)],
+                       check=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    for variant in ("fcn32s", "fcn16s", "fcn8s"):
+        a = torch.load(tmp_path / "a" / variant / MODEL_FILE, weights_only=True)
+        b = torch.load(tmp_path / "b" / variant / MODEL_FILE, weights_only=True)
+        assert state_dicts_equal(a["state_dict"], b["state_dict"]), variant
+        keys = ("train_loss", "val_mean_iu", "val_pixel_acc")
+        assert [[h[k] for k in keys] for h in a["history"]] == [
+            [h[k] for k in keys] for h in b["history"]
+        ]

@@ -307,13 +307,24 @@ def test_paper_is_the_default_and_same_has_the_same_parameters(variant, count):
 
 
 def test_explicit_paper_geometry_computes_what_the_default_does():
+    """build_fcn's default is the paper's net. Every weight, the zero-initialised score
+    layers included, is made non-zero first, so the outputs carry information: the
+    same weights in the ``same`` geometry compute something else."""
     torch.manual_seed(0)
     default = build_fcn("fcn8s", 3, width=SMALL).eval()
+    with torch.no_grad():
+        for parameter in default.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
     paper = build_fcn("fcn8s", 3, width=SMALL, geometry="paper", norm="none").eval()
     paper.load_state_dict(default.state_dict())
+    same = build_fcn("fcn8s", 3, width=SMALL, geometry="same", norm="none").eval()
+    same.load_state_dict(default.state_dict())
     x = torch.randn(1, 3, 37, 50)
     with torch.no_grad():
-        assert torch.equal(default(x), paper(x))
+        expected = default(x)
+        assert expected.std() > 0 and expected.argmax(1).unique().numel() > 1
+        assert torch.equal(expected, paper(x))
+        assert not torch.allclose(expected, same(x))
 
 
 @pytest.mark.parametrize(
