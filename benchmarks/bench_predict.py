@@ -95,8 +95,10 @@ def main() -> None:
     print(f"{count} images of {dataset.sizes[0][0]}x{dataset.sizes[0][1]}, batch "
           f"{args.batch_size}, {args.threads} threads, best of {args.runs}")  # fmt: skip
     print(f"evaluate forward loop : {count / evaluate_s:7.1f} img/s")
-    print(f"predict (PNG in/out)  : {count / predict_s:7.1f} img/s "
-          f"({evaluate_s / predict_s:.2f}x evaluate's rate)")
+    print(
+        f"predict (PNG in/out)  : {count / predict_s:7.1f} img/s "
+        f"({evaluate_s / predict_s:.2f}x evaluate's rate)"
+    )
 
     from fcn_pipeline.export import export_onnx
 

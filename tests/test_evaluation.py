@@ -174,8 +174,12 @@ def test_void_pixels_count_nowhere_in_the_metrics(tmp_path):
     from tests.test_ingest import make_folder
 
     stems = [f"img{i}" for i in range(8)]
-    masks = make_folder(tmp_path / "folder", n=8, size=(20, 24),
-                        splits={"train": stems[:4], "val": stems[4:5], "test": stems[5:]})
+    masks = make_folder(
+        tmp_path / "folder",
+        n=8,
+        size=(20, 24),
+        splits={"train": stems[:4], "val": stems[4:5], "test": stems[5:]},
+    )
     rng = np.random.default_rng(3)
     for stem, mask in masks.items():  # a void band and scattered void pixels per image
         mask[5:8, :] = 255
@@ -193,8 +197,11 @@ def test_void_pixels_count_nowhere_in_the_metrics(tmp_path):
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.2)
     save_file(tmp_path / "models" / "fcn32s" / MODEL_FILE, model_record(model, names))
-    result = evaluate_variant(eval_params(data.parent, tmp_path / "models", tmp_path,
-                                          data=str(data)), "fcn32s", log=lambda _: None)
+    result = evaluate_variant(
+        eval_params(data.parent, tmp_path / "models", tmp_path, data=str(data)),
+        "fcn32s",
+        log=lambda _: None,
+    )
     hist = torch.zeros((len(names), len(names)), dtype=torch.int64)
     void = 0
     for i in range(len(test_set)):
