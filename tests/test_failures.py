@@ -355,6 +355,15 @@ def test_an_unforeseen_error_is_one_line_and_its_traceback_is_on_request(
     assert capsys.readouterr().err == (
         "fcn-pipeline stats: error: interrupted; the previous outputs are as they were\n"
     )
+    # A study is not one atomic output: its line says what is left and how to restore.
+    monkeypatch.setattr(flows.cli, "_study", interrupted)
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text("settings: {a: []}\nseeds: [0]\n")
+    assert flows.cli.main(["--params", str(params_file), "study", str(study_file)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "as they were" not in err
+    assert "experiments that finished are kept" in err
+    assert "git checkout -- . && dvc checkout" in err
 
 
 def run_stage(cwd: Path, prefect_api_url: str, *argv: str) -> subprocess.CompletedProcess:
