@@ -94,7 +94,13 @@ def load_model(path: str | Path, class_names: list[str] | None = None) -> nn.Mod
     Raises :class:`CheckpointError` naming the file if it is missing, corrupt,
     or was trained on another number (or list) of classes.
     """
-    record = load_file(path, MODEL_FORMAT)
+    return model_from_record(load_file(path, MODEL_FORMAT), path, class_names)
+
+
+def model_from_record(
+    record: dict[str, Any], path: str | Path, class_names: list[str] | None = None
+) -> nn.Module:
+    """The net of a ``model.pt`` record already read from ``path`` (see :func:`load_model`)."""
     try:
         model = build_fcn(
             record["variant"],
@@ -285,6 +291,7 @@ __all__ = [
     "file_sha256",
     "load_file",
     "load_model",
+    "model_from_record",
     "model_record",
     "resume",
     "run_fingerprint",

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fcn_pipeline.class_weights import SCHEMES
-from fcn_pipeline.errors import ConfigError, printable
+from fcn_pipeline.errors import ConfigError, is_utf8, printable
 
 Split = Literal["train", "val", "test"]
 SourceFormat = Literal["synthetic", "camvid", "voc", "folder"]
@@ -328,14 +328,11 @@ def parse_params(
         )
     tree = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
     for key, value in (overrides or {}).items():
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:  # a non-UTF-8 argument arrives with surrogates
-                raise ConfigError(
-                    f"{key} (command line): {printable(value)!r} is not valid UTF-8; "
-                    "rename the file or directory"
-                ) from None
+        if isinstance(value, str) and not is_utf8(value):
+            raise ConfigError(
+                f"{key} (command line): {printable(value)!r} is not valid UTF-8; "
+                "rename the file or directory"
+            )
         _set_dotted(tree, key, value)
     try:
         # Validating in JSON mode keeps strict typing (no "3" -> 3) while

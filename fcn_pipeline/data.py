@@ -57,17 +57,20 @@ def _shard_table(path: str) -> pa.Table:
     return table
 
 
-def normalize_image(image: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 RGB -> ``(3, H, W)`` float32, ImageNet-normalised."""
+def normalize_image(
+    image: np.ndarray,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 RGB -> ``(3, H, W)`` float32 normalised with ``mean`` and
+    ``std`` (default ImageNet's, what training uses)."""
     tensor = (
         torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
         .permute(2, 0, 1)
         .float()
         .div_(255.0)
     )
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return tensor.sub_(mean).div_(std)
+    return tensor.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
 
 
 @dataclass(frozen=True)

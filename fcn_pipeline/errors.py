@@ -56,6 +56,16 @@ def printable(path: str | os.PathLike) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: a non-UTF-8 file name or command-line argument
+    reaches Python with lone surrogates, which Parquet, JSON and YAML cannot hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def describe_os_error(error: OSError, path: str | os.PathLike) -> str:
     """``<file>: <cause>`` for an operating-system error met while working on ``path``.
 

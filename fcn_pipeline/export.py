@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from fcn_pipeline.atomic import atomic_file
-from fcn_pipeline.checkpoints import MODEL_FORMAT, load_file, load_model
+from fcn_pipeline.checkpoints import MODEL_FORMAT, load_file, model_from_record
 from fcn_pipeline.errors import PipelineError, printable
 from fcn_pipeline.scorers import METADATA_KEY, ModelInfo, model_info
 
@@ -37,7 +37,7 @@ EXAMPLE_SIZE = (96, 128)
 
 def _load(model_path: str | Path) -> tuple[torch.nn.Module, ModelInfo]:
     record = load_file(model_path, MODEL_FORMAT)
-    model = load_model(model_path).eval()
+    model = model_from_record(record, model_path).eval()
     return model, model_info(record, model)
 
 

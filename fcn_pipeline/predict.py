@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from fcn_pipeline.atomic import atomic_write_bytes
+from fcn_pipeline.data import normalize_image
 from fcn_pipeline.errors import PipelineError, printable
 from fcn_pipeline.scorers import ModelInfo, load_scorer
 
@@ -154,12 +155,9 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def normalize(image: np.ndarray, info: ModelInfo) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32 with the model's mean and std, the same
-    operations as :func:`fcn_pipeline.data.normalize_image` (identical values)."""
-    tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(info.mean).view(3, 1, 1)
-    std = torch.tensor(info.std).view(3, 1, 1)
-    return tensor.sub_(mean).div_(std)
+    """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32 with the model's mean and std, by
+    the training data's own :func:`fcn_pipeline.data.normalize_image`."""
+    return normalize_image(image, info.mean, info.std)
 
 
 def scores_of(scorer: Callable, x: torch.Tensor, flip: bool) -> torch.Tensor:

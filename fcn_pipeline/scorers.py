@@ -155,11 +155,11 @@ def load_scorer(path: str | Path, device: str = "auto") -> tuple[ModelInfo, Any]
     path = Path(path)
     if path.suffix.lower() == ONNX_SUFFIX:
         return onnx_info(path), OnnxScorer(path)
-    from fcn_pipeline.checkpoints import load_model
+    from fcn_pipeline.checkpoints import model_from_record
     from fcn_pipeline.runtime import resolve_device
 
     record = load_file(path, MODEL_FORMAT)
-    model = load_model(path)
+    model = model_from_record(record, path)
     return model_info(record, model), TorchScorer(model, resolve_device(device))
 
 

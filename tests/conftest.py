@@ -132,3 +132,20 @@ def compute_stats(params, out, **count_options):
     from fcn_pipeline.stats import count_classes, write_stats
 
     return write_stats(count_classes(params.data, params.workers, **count_options), out)
+
+
+def perturb_weights(model, std: float):
+    """``model`` with Gaussian noise of ``std`` added to every weight, in place: a fresh
+    FCN's score layers are zero, and a net predicting one class everywhere cannot tell a
+    right computation from a wrong one."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * std)
+    return model
+
+
+def predicted_classes(hist) -> int:
+    """How many classes a ``(K, K)`` confusion histogram's predictions (columns) use."""
+    return int((hist.sum(0) > 0).sum())

@@ -23,7 +23,7 @@ from fcn_pipeline.evaluation import predict_and_count
 from fcn_pipeline.models import build_fcn
 from fcn_pipeline.training import evaluate, train_variant
 from flows.server import free_port
-from tests.conftest import REPO, project_env
+from tests.conftest import REPO, perturb_weights, predicted_classes, project_env
 
 # --- samplers (no processes) --------------------------------------------------------
 
@@ -68,16 +68,7 @@ def _tiny_net(num_classes: int) -> torch.nn.Module:
     """A net whose predictions vary over the image (a fresh FCN's zero score layer would
     predict class 0 everywhere, and a wrong sum over ranks could still look right)."""
     torch.manual_seed(5)
-    model = build_fcn("fcn32s", num_classes, width=0.03125).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.2)
-    return model
-
-
-def _predicted_classes(hist: torch.Tensor) -> int:
-    """How many classes a confusion histogram's predictions (its columns) use."""
-    return int((hist.sum(0) > 0).sum())
+    return perturb_weights(build_fcn("fcn32s", num_classes, width=0.03125).eval(), 0.2)
 
 
 def _rank_confusion(rank: int, port: int, data: str, out: str) -> None:
@@ -103,7 +94,7 @@ def test_distributed_confusion_equals_the_one_process_one_exactly(tiny_data, tmp
     assert torch.equal(hists[0], hists[1])  # every rank holds the sum
     assert torch.equal(hists[0], single)
     assert int(single.sum()) == len(val_set) * 48 * 64  # each pixel counted once
-    assert _predicted_classes(single) >= 3  # predictions vary
+    assert predicted_classes(single) >= 3  # predictions vary
 
 
 def _rank_test_scoring(rank: int, port: int, data: str, out: str) -> None:
@@ -128,7 +119,7 @@ def test_distributed_test_scoring_equals_the_one_process_one_exactly(tiny_data, 
     cpu = torch.device("cpu")
     test_set = SegmentationDataset(data, "test")
     hist, kept = predict_and_count(_tiny_net(6), test_set, batch_size=1, device=cpu, keep={0, 3})
-    assert _predicted_classes(hist) >= 3 and len({int(v) for v in kept[0].ravel()}) >= 2
+    assert predicted_classes(hist) >= 3 and len({int(v) for v in kept[0].ravel()}) >= 2
     for rank in range(2):
         got = torch.load(tmp_path / f"test{rank}.pt", weights_only=True)
         assert torch.equal(got["hist"], hist)

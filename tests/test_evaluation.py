@@ -23,6 +23,7 @@ from fcn_pipeline.evaluation import (
 from fcn_pipeline.metrics import confusion_matrix, segmentation_scores
 from fcn_pipeline.models import build_fcn
 from fcn_pipeline.training import train_variant
+from tests.conftest import perturb_weights, predicted_classes
 
 CLASSES = ["background", "bus", "disc", "triangle", "checker", "pole"]
 
@@ -192,10 +193,7 @@ def test_void_pixels_count_nowhere_in_the_metrics(tmp_path):
     test_set = SegmentationDataset(data, "test")
     names = test_set.meta.class_names
     torch.manual_seed(0)
-    model = build_fcn("fcn32s", len(names), width=0.03125).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.2)
+    model = perturb_weights(build_fcn("fcn32s", len(names), width=0.03125).eval(), 0.2)
     save_file(tmp_path / "models" / "fcn32s" / MODEL_FILE, model_record(model, names))
     result = evaluate_variant(
         eval_params(data.parent, tmp_path / "models", tmp_path, data=str(data)),
@@ -210,11 +208,7 @@ def test_void_pixels_count_nowhere_in_the_metrics(tmp_path):
             pred = model(sample.image[None]).argmax(1)[0]
         hist += confusion_matrix(pred, sample.mask, len(names))
         void += int((sample.mask == 255).sum())
-    assert void > 0 and _classes_predicted(hist) >= 2
+    assert void > 0 and predicted_classes(hist) >= 2
     assert result.metrics["pixels"] == int(hist.sum()) == len(test_set) * 20 * 24 - void
     assert result.metrics["mean_iu"] == pytest.approx(segmentation_scores(hist)["mean_iu"])
     assert result.metrics["pixel_acc"] == pytest.approx(segmentation_scores(hist)["pixel_acc"])
-
-
-def _classes_predicted(hist: torch.Tensor) -> int:
-    return int((hist.sum(0) > 0).sum())

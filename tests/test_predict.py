@@ -26,6 +26,7 @@ from fcn_pipeline.predict import (
     tile_starts,
 )
 from fcn_pipeline.store import decode_mask
+from tests.conftest import perturb_weights
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["background", "bus", "disc", "triangle", "checker", "pole"]
@@ -38,9 +39,7 @@ def random_model(path: Path, variant: str = "fcn8s", geometry: str = "same", see
     torch.manual_seed(seed)
     model = build_fcn(variant, len(NAMES), width=0.0625, geometry=geometry, norm="batch",
                       upsample="learned")  # fmt: skip
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
+    perturb_weights(model, 0.05)
     save_file(path, model_record(model.eval(), NAMES, class_colors=COLORS))
     return model.eval()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fcn_pipeline.errors import is_utf8
 from fcn_pipeline.sources import PairError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm")
@@ -54,15 +55,6 @@ def read_index_mask(path: str | Path, *, palette_ok: bool = True) -> np.ndarray:
         raise PairError(path, f"mask does not decode: {decode_failure(data, error)}") from None
 
 
-def utf8(text: str) -> bool:
-    """Whether ``text`` encodes as UTF-8 (a non-UTF-8 file name holds lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def files_by_stem(
     directory: Path,
     suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
@@ -78,7 +70,7 @@ def files_by_stem(
     for path in sorted(directory.iterdir()):
         if not (path.is_file() and path.suffix.lower() in suffixes):
             continue
-        if not utf8(path.name):  # the id goes into Parquet and JSON, which hold UTF-8
+        if not is_utf8(path.name):  # the id goes into Parquet and JSON, which hold UTF-8
             if problems is not None:
                 problems.append((str(path), "file name is not valid UTF-8; rename the file"))
             continue

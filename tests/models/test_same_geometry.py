@@ -22,6 +22,7 @@ from fcn_pipeline.models import (
     init_from_coarser,
 )
 from fcn_pipeline.models.upsample import upsampler
+from tests.conftest import perturb_weights
 
 SMALL = 0.0625  # 4 channels in conv1
 TINY = 1 / 64  # 1 channel in conv1: only the geometry matters
@@ -311,10 +312,7 @@ def test_explicit_paper_geometry_computes_what_the_default_does():
     layers included, is made non-zero first, so the outputs carry information: the
     same weights in the ``same`` geometry compute something else."""
     torch.manual_seed(0)
-    default = build_fcn("fcn8s", 3, width=SMALL).eval()
-    with torch.no_grad():
-        for parameter in default.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.1)
+    default = perturb_weights(build_fcn("fcn8s", 3, width=SMALL).eval(), 0.1)
     paper = build_fcn("fcn8s", 3, width=SMALL, geometry="paper", norm="none").eval()
     paper.load_state_dict(default.state_dict())
     same = build_fcn("fcn8s", 3, width=SMALL, geometry="same", norm="none").eval()
