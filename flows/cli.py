@@ -1,13 +1,18 @@
-"""``fcn-pipeline``: one subcommand per stage, each running the stage's Prefect flow.
+"""``fcn-pipeline``: one subcommand per stage (what dvc.yaml runs), plus ``pipeline``,
+``study``, ``predict`` and ``export``.
 
-Options default to ``params.yaml``; any option given on the command line
-overrides the matching key for this run only. Parameters are validated before
-any flow starts, so a bad key fails in well under a second.
+A stage is a plain program (:mod:`flows.stages`): it needs no Prefect server. Under
+the pipeline or study flow (the deployments, or ``fcn-pipeline pipeline``/``study``
+with ``PREFECT_API_URL`` set) DVC passes the flow run's id down and the stage runs as
+its child flow run (:mod:`flows.stage_runs`). Options default to ``params.yaml``; any
+option given on the command line overrides the matching key for this run only.
+Parameters are validated before anything runs, so a bad key fails in well under a
+second.
 
 A failure, whatever its cause, ends in one line on stderr,
 ``fcn-pipeline <stage>: error: <what, which file or key>``, and exit status 1
-(130 when interrupted). The traceback goes to the Prefect run's log, and to the
-terminal only with ``--debug`` or ``FCN_DEBUG=1``.
+(130 when interrupted). The traceback goes to the terminal only with ``--debug`` or
+``FCN_DEBUG=1`` (and to the Prefect run's log when there is one).
 """
 
 from __future__ import annotations
@@ -16,57 +21,105 @@ import argparse
 import os
 import sys
 import traceback
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from fcn_pipeline.errors import ConfigError, PipelineError
 
 
-def _ingest(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
-    from flows.ingest import ingest_flow
+def _stage(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    """A stage: a plain program, or a child flow run of the pipeline or study flow run
+    that started DVC (its id in ``FCN_PREFECT_PARENT``)."""
+    from flows.stages import PARENT_ENV, needs_flow_run, run_stage, stage_module, stage_params
 
-    return ingest_flow(params_file=args.params, overrides=overrides)
+    variant = getattr(args, "variant", None)
+    module = stage_module(args.stage)
+    params = stage_params(args.params, overrides, module.PARAMS)
+    launch = getattr(module, "launch", None)  # train: torchrun's ranks
+    if launch is not None and (launched := launch(params, variant, args.argv)) is not None:
+        return launched
+    parent = os.environ.get(PARENT_ENV) or None
+    if parent is None and not needs_flow_run(params):
+        return run_stage(args.stage, variant, params)
+    if parent is not None:
+        try:
+            uuid.UUID(parent)
+        except ValueError:
+            raise ConfigError(f"{PARENT_ENV}={parent!r}: not a Prefect flow run id") from None
+    if not args.debug:
+        from flows.console import quiet_prefect_failures
+
+        quiet_prefect_failures()
+    from flows.stage_runs import run_as_flow
+
+    shown = {"params_file": args.params, "overrides": overrides}
+    return run_as_flow(args.stage, variant, params, parent, shown)
 
 
-def _stats(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
-    from flows.stats import stats_flow
+def _prefect_api() -> str | None:
+    """The Prefect API this process would report to, if one is configured."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url
+    from prefect.settings import PREFECT_API_URL  # a profile may set it
 
-    return stats_flow(params_file=args.params, overrides=overrides)
-
-
-def _patches(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
-    from flows.patches import patches_flow
-
-    return patches_flow(params_file=args.params, overrides=overrides)
-
-
-def _train(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
-    from flows.train import train_stage
-
-    return train_stage(args.variant, args.params, overrides, args.argv)
-
-
-def _evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
-    from flows.evaluate import evaluate_flow
-
-    return evaluate_flow(variant=args.variant, params_file=args.params, overrides=overrides)
+    return PREFECT_API_URL.value() or None
 
 
 def _study(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    """A study: a plain program, or a Prefect flow run (with the experiments' stages as
+    its children) when a Prefect API is configured."""
     from fcn_pipeline.study import load_study
 
-    load_study(args.study_file, args.params)  # refuse bad input before Prefect starts
+    load_study(args.study_file, args.params)  # refuse bad input before anything starts
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: run at least one experiment at a time")
     if args.jobs > 1:  # lanes are clones of HEAD: refuse uncommitted changes up front
         from flows.study_driver import check_committed
 
         check_committed(os.getcwd())
-    from flows.study import study_flow
+    if _prefect_api() is None:
+        from flows.stages import Report
+        from flows.study import run_study
+
+        log = Report("study").logger
+        return run_study(args.study_file, args.params, args.reports, args.jobs, log)
+    if not args.debug:
+        from flows.console import quiet_prefect_failures
+
+        quiet_prefect_failures()
+    from flows.pipeline import study_flow
 
     return study_flow(
         study_file=args.study_file, params_file=args.params, reports=args.reports, jobs=args.jobs
     )
+
+
+def _pipeline(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    """The pipeline flow (``dvc repro`` or ``dvc exp run``) as a run on the Prefect API
+    configured, the stages as its children: what the deployments run."""
+    from fcn_pipeline.config import load_params
+
+    if _prefect_api() is None:
+        raise ConfigError(
+            "pipeline: no Prefect API configured (PREFECT_API_URL): run `dvc repro` for a "
+            "plain run, or `bash scripts/prefect-server.sh start && source "
+            ".prefect-local/env` first"
+        )
+    load_params(args.params, None)
+    if args.set and not args.exp:
+        raise ConfigError("pipeline: -S KEY=VALUE needs --exp (an experiment)")
+    if not args.debug:
+        from flows.console import quiet_prefect_failures
+
+        quiet_prefect_failures()
+    from flows.pipeline import pipeline_flow
+
+    return pipeline_flow(
+        targets=args.targets, overrides=args.set, experiment=args.exp is not None,
+        experiment_name=args.exp or None,
+    )  # fmt: skip
 
 
 def _predict(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
@@ -145,7 +198,7 @@ def _add_ingest(stages: Any) -> None:
     option("--out", dest="data.out", help="output directory")
     option("--shard-size", dest="data.shard_size", type=int, help="images per shard")
     option("--workers", dest="data.workers", type=int, help="processes (0 = all cores)")
-    ingest.set_defaults(run=_ingest)
+    ingest.set_defaults(run=_stage)
 
 
 def _add_stats(stages: Any) -> None:
@@ -154,7 +207,7 @@ def _add_stats(stages: Any) -> None:
     option("--data", dest="stats.data", metavar="INGESTED_DIR", help="ingested dataset")
     option("--out", dest="stats.out", metavar="DIR", help="output directory")
     option("--workers", dest="stats.workers", type=int, metavar="N", help="processes (0 = all)")
-    stats.set_defaults(run=_stats)
+    stats.set_defaults(run=_stage)
 
 
 def _add_patches(stages: Any) -> None:
@@ -177,7 +230,7 @@ def _add_patches(stages: Any) -> None:
     option("--seed", dest="patches.seed", type=int, metavar="N", help="random seed")
     option("--shard-size", dest="patches.shard_size", type=int, metavar="N")
     option("--workers", dest="patches.workers", type=int, metavar="N", help="processes")
-    patches.set_defaults(run=_patches)
+    patches.set_defaults(run=_stage)
 
 
 def _add_train(stages: Any) -> None:
@@ -193,7 +246,7 @@ def _add_train(stages: Any) -> None:
     option("--device", dest="train.device", metavar="DEVICE", help="auto | cpu | cuda")
     option("--out", dest="train.out", metavar="DIR", help="models directory")
     option("--workers", dest="train.workers", type=int, metavar="N", help="DataLoader workers")
-    train.set_defaults(run=_train)
+    train.set_defaults(run=_stage)
 
 
 def _add_evaluate(stages: Any) -> None:
@@ -205,7 +258,20 @@ def _add_evaluate(stages: Any) -> None:
     option("--metrics", dest="evaluate.metrics", metavar="DIR", help="metrics directory")
     option("--out", dest="evaluate.out", metavar="DIR", help="plots and overlays directory")
     option("--device", dest="evaluate.device", metavar="DEVICE", help="auto | cpu | cuda")
-    evaluate.set_defaults(run=_evaluate)
+    evaluate.set_defaults(run=_stage)
+
+
+def _add_pipeline(stages: Any) -> None:
+    pipeline = stages.add_parser(
+        "pipeline", help="dvc repro (or dvc exp run) as a Prefect run, the stages inside it"
+    )
+    option = pipeline.add_argument
+    option("targets", nargs="*", metavar="TARGET", help="stages to reproduce (default: all)")
+    option("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+           help="override a parameter (with --exp), as dvc exp run -S")  # fmt: skip
+    option("--exp", nargs="?", const="", metavar="NAME",
+           help="run a DVC experiment (named NAME, else run-<date>-<time>)")  # fmt: skip
+    pipeline.set_defaults(run=_pipeline)
 
 
 def _add_study(stages: Any) -> None:
@@ -243,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for add in (
-        _add_ingest, _add_stats, _add_patches, _add_train, _add_evaluate, _add_study,
-        _add_predict, _add_export,
+        _add_ingest, _add_stats, _add_patches, _add_train, _add_evaluate, _add_pipeline,
+        _add_study, _add_predict, _add_export,
     ):  # fmt: skip
         add(stages)
     return parser
@@ -253,8 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Imported here, not at the top: the stages' spawned worker processes import
     # the console script's module (this one) and must not pay for pydantic.
-    from fcn_pipeline.config import check_staged_variant, load_params
-    from flows.server import prefect_api
+    from fcn_pipeline.config import check_staged_variant
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for torchrun's ranks
@@ -262,22 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         key: value for key, value in vars(args).items() if "." in key and value is not None
     }
     run: Callable[[argparse.Namespace, dict[str, Any]], Any] = args.run
-    plain = getattr(args, "plain", False)  # predict, export: no params.yaml, no Prefect
+    plain = getattr(args, "plain", False)  # predict, export: no params.yaml
     try:
-        if plain:
-            run(args, overrides)
-            return 0
-        load_params(args.params, overrides)  # fail fast, before Prefect starts
         if getattr(args, "variant", None) is not None:
             check_staged_variant(args.variant, name="--variant")
-        if not args.debug:
-            from flows.console import quiet_prefect_failures
-
-            quiet_prefect_failures()
-        # With no Prefect API configured, a temporary server that dies with this
-        # process (Prefect's own would outlive a SIGKILL of the stage).
-        with prefect_api():
-            run(args, overrides)
+        run(args, overrides)
     except KeyboardInterrupt:
         if plain:
             return _fail(args, "interrupted; the outputs written are complete", status=130)

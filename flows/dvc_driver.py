@@ -312,6 +312,35 @@ def read_metrics(project_dir: str, logger: Logger) -> dict[str, dict[str, Any]]:
     return files
 
 
+def read_metrics_diff(project_dir: str) -> dict[str, dict[str, Any]]:
+    """``dvc metrics diff --json`` (the committed metrics against the workspace's), as
+    ``{metrics file: {metric: {"old": ..., "new": ..., "diff": ...}}}``: changed ones only."""
+    result = subprocess.run(
+        [_executable("dvc"), "metrics", "diff", "--json"],
+        cwd=project_dir, env=subprocess_env(), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"dvc metrics diff failed ({result.returncode}): {result.stderr.strip()}"
+        )
+    changed: dict[str, dict[str, Any]] = {}
+    for path, metrics in (json.loads(result.stdout or "{}") or {}).items():
+        if flat := _diff_leaves(metrics or {}):
+            changed[path] = flat
+    return changed
+
+
+def _diff_leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": {"old": 1, "new": 2, "diff": 1}}}`` -> ``{"a.b": {"old": 1, ...}}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and {"old", "new"} & set(value):
+            flat[f"{prefix}{key}"] = value
+        elif isinstance(value, dict):
+            flat.update(_diff_leaves(value, f"{prefix}{key}."))
+    return flat
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
@@ -347,13 +376,18 @@ def read_revision(project_dir: str, experiment: str | None) -> dict[str, str | N
 
 
 def metrics_markdown(
-    files: dict[str, dict[str, Any]], revision: dict[str, Any], dvc_run: dict[str, Any]
+    files: dict[str, dict[str, Any]],
+    revision: dict[str, Any],
+    dvc_run: dict[str, Any],
+    diff: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """The ``fcn-metrics`` artifact: the revision, what DVC ran, and the metrics.
+    """The ``fcn-metrics`` artifact: the revision, what DVC ran, the metrics and what
+    changed against the commit.
 
     ``files`` is :func:`read_metrics`' result. Files with the paper's scores
     (``metrics/<variant>.json``) make one table row per variant, named by the
-    file's stem; every other metric DVC reports follows, per file.
+    file's stem; every other metric DVC reports follows, per file. ``diff`` is
+    :func:`read_metrics_diff`' result: one row per changed metric.
     """
     lines = ["# FCN metrics", ""]
     lines.append(f"- git commit: `{revision['commit']}`")
@@ -386,7 +420,23 @@ def metrics_markdown(
             if metrics:
                 values = ", ".join(f"{k}={_cell(v)}" for k, v in metrics.items())
                 lines.append(f"- `{path}`: {values}")
+        lines.append("")
+    if diff is not None:
+        lines += _diff_lines(diff, revision["commit"])
     return "\n".join(lines) + "\n"
+
+
+def _diff_lines(diff: dict[str, dict[str, Any]], commit: str) -> list[str]:
+    """The ``dvc metrics diff`` section of :func:`metrics_markdown`."""
+    title = f"Against the committed reference (`dvc metrics diff`, commit `{commit[:7]}`):"
+    if not diff:
+        return [title, "", "No metric changed.", ""]
+    lines = [title, "", "| file | metric | committed | now | change |", "|---|---|---|---|---|"]
+    for path, metrics in diff.items():
+        for key, change in metrics.items():
+            cells = " | ".join(_cell(change.get(k)) for k in ("old", "new", "diff"))
+            lines.append(f"| `{path}` | {key} | {cells} |")
+    return [*lines, ""]
 
 
 def _cell(value: Any) -> str:

@@ -1,35 +1,41 @@
-"""The ``evaluate_<variant>`` stages as a Prefect flow."""
+"""The ``evaluate@<variant>`` stages: the paper's metrics of one trained variant."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-
-from fcn_pipeline.config import EvaluateParams
-from flows.common import TASK_DEFAULTS, stage_params
+from flows.stages import Report
 
 # The params.yaml groups this stage reads; dvc.yaml declares the same.
 PARAMS = ("evaluate",)
 
+FCN_SCORES = ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")
 
-@task(name="evaluate-fcn", **TASK_DEFAULTS)
-def evaluate_fcn(params: EvaluateParams, variant: str) -> dict[str, Any]:
-    """Score ``variant`` on ``params.split``; write metrics, confusion matrix, overlays."""
+
+def run(params: SimpleNamespace, variant: str | None, report: Report) -> dict[str, Any]:
+    """Score ``variant`` on ``evaluate.split``; write metrics, confusion matrix, overlays."""
     from fcn_pipeline.evaluation import evaluate_variant
 
-    logger = get_run_logger()
-    result = evaluate_variant(params, variant, log=logger.info)
-    per_class = ", ".join(f"{n}={v:.3f}" for n, v in result.metrics["per_class_iu"].items())
-    logger.info("%s per-class IU: %s", variant, per_class)
-    logger.info("wrote %s and %s", result.metrics_path, result.out)
+    assert variant is not None
+    result = evaluate_variant(params.evaluate, variant, log=report.info)
+    per_class = result.metrics["per_class_iu"]
+    report.info("%s per-class IU: %s", variant,
+                ", ".join(f"{n}={v:.3f}" for n, v in per_class.items()))  # fmt: skip
+    report.info("wrote %s and %s", result.metrics_path, result.out)
+    split = params.evaluate.split
+    report.table(
+        f"{variant}-metrics",
+        [{"metric": k, "value": round(result.metrics[k], 4)} for k in FCN_SCORES],
+        f"{variant} on the {split} split: the paper's four scores",
+    )
+    report.table(
+        f"{variant}-per-class-iu",
+        [{"class": n, "iu": None if v is None else round(v, 4)} for n, v in per_class.items()],
+        f"{variant} on the {split} split: IU per class",
+    )
+    report.link(f"{variant}-confusion", Path(result.out) / "confusion.csv",
+                f"{variant}: confusion matrix (rows: truth, columns: prediction)")  # fmt: skip
+    report.link(f"{variant}-overlays", result.out, f"{variant}: overlays and plots")
     return {"metrics": str(result.metrics_path), "mean_iu": result.metrics["mean_iu"]}
-
-
-@flow(name="evaluate", log_prints=True)
-def evaluate_flow(
-    variant: str, params_file: str = "params.yaml", overrides: dict[str, Any] | None = None
-) -> dict:
-    """Run the ``evaluate_<variant>`` stage with ``params_file`` (``evaluate:``)."""
-    params = stage_params(params_file, overrides, PARAMS).evaluate
-    return evaluate_fcn(params, variant)

@@ -1,21 +1,25 @@
 """Where the data stages run their shard calls: the local process pool or a Dask cluster.
 
 ``executor.kind: processes`` (the default) keeps the library's own mapper,
-:func:`fcn_pipeline.parallel.map_shards`. ``executor.kind: dask`` runs one
-Prefect task per shard call through ``prefect_dask.DaskTaskRunner``, on the
-scheduler at ``executor.address`` or on a LocalCluster of ``executor.workers``
-single-threaded worker processes started for the stage (and closed after it).
+:func:`fcn_pipeline.parallel.map_shards` (:func:`flows.stages.shard_mapper` picks);
+``executor.kind: dask`` runs one Prefect task per shard call through
+``prefect_dask.DaskTaskRunner``, on the scheduler at ``executor.address`` or on a
+LocalCluster of ``executor.workers`` single-threaded worker processes started for
+the stage (and closed after it).
 
 The library merges the results in shard order whichever mapper runs them, so
 the outputs are byte-identical. Two things the Dask side must get right:
 
 - A shard task does its work in the Dask worker itself: a worker process is
   daemonic and may not start a process pool of its own.
-- Every worker must report to the Prefect API of this run. Without a Prefect
-  server the run's API is a temporary one this process started, and a worker
-  left alone would start its own and record the shard tasks there. So the
-  tasks are submitted with this run's API URL in their serialised settings,
-  and a LocalCluster's workers also get it in their environment.
+- Every worker must report to the Prefect API of this run. A stage on Dask runs
+  as a flow run even under a plain ``dvc repro`` (:func:`flows.stages.needs_flow_run`);
+  with no Prefect server configured its API is Prefect's own temporary one, and a
+  worker left alone would start another and record the shard tasks there. So the
+  tasks are submitted with this run's API URL in their serialised settings, and a
+  LocalCluster's workers also get it in their environment.
+
+Prefect is imported only on the Dask path: a stage on local processes runs without it.
 
 Shard calls carry paths relative to the project directory, so every worker
 must run in the same directory (on other hosts: the same path on a shared
@@ -31,20 +35,9 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
-from prefect import get_run_logger, task
-from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_API_URL, temporary_settings
-
 from fcn_pipeline.config import ExecutorParams
 from fcn_pipeline.errors import ConfigError
 from fcn_pipeline.parallel import ShardMapper, map_shards, process_count
-from flows.common import TASK_DEFAULTS
-
-
-@task(name="shard", **TASK_DEFAULTS)
-def run_shard(function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    """``function(*args)`` for one shard, in the Dask worker itself."""
-    return function(*args)
 
 
 def shard_mapper(executor: ExecutorParams) -> ShardMapper:
@@ -54,8 +47,15 @@ def shard_mapper(executor: ExecutorParams) -> ShardMapper:
     return map_shards
 
 
+def run_shard(function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """``function(*args)`` for one shard, in the Dask worker itself (a Prefect task)."""
+    return function(*args)
+
+
 def run_api_url() -> str:
     """The URL of the Prefect API this flow run reports to (a temporary one included)."""
+    from prefect.client.orchestration import get_client
+
     return str(get_client(sync_client=True).api_url).rstrip("/")
 
 
@@ -117,7 +117,11 @@ def map_shards_on_dask(
     size is ``executor.workers`` or whatever runs at ``executor.address``. Must run
     inside a Prefect flow run.
     """
+    from prefect import get_run_logger, task
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect_dask import DaskTaskRunner  # imports distributed: only when asked for
+
+    from flows.common import TASK_DEFAULTS
 
     del workers
     logger = get_run_logger()
@@ -134,7 +138,7 @@ def map_shards_on_dask(
             where,
             len(client.scheduler_info()["workers"]),
         )
-        shard = run_shard.with_options(name=name)
+        shard = task(run_shard, name=name, **TASK_DEFAULTS)
         # serialize_context() puts the current settings into every submitted task:
         # with this run's API URL in them, workers report here.
         with temporary_settings(updates={PREFECT_API_URL: api_url}):

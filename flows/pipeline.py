@@ -3,8 +3,9 @@
 DVC stays in charge of the pipeline: the flow runs ``dvc repro [targets]`` (or
 ``dvc exp run -S key=value ... --name NAME [targets]`` for an experiment) in
 the project directory, so DVC decides which stages are stale, runs their
-commands (``fcn-pipeline <stage>``, each its own Prefect flow run on the same
-server) and records what ran in ``dvc.lock`` and its cache. Nothing here
+commands (``fcn-pipeline <stage>``, each a child flow run of this one: the flow
+run's id goes down in DVC's environment, :mod:`flows.stage_runs`) and records
+what ran in ``dvc.lock`` and its cache. Nothing here
 re-implements a stage: ``dvc repro`` by hand and a deployment run execute the
 same stage code.
 
@@ -34,6 +35,7 @@ from prefect.tasks import exponential_backoff
 from flows import dvc_driver
 from flows.common import TASK_DEFAULTS
 from flows.dvc_driver import DvcStageError, dvc_command, metrics_markdown
+from flows.stage_runs import parent_env
 
 ARTIFACT_KEY = "fcn-metrics"
 RETRIED = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=1)}
@@ -47,7 +49,7 @@ def run_dvc(command: list[str], project_dir: str) -> dict[str, Any]:
     decides what to re-run next time. Raises :class:`DvcStageError` naming the
     failing stage and its error lines when DVC exits non-zero.
     """
-    return dvc_driver.run_dvc(command, project_dir, get_run_logger())
+    return dvc_driver.run_dvc(command, project_dir, get_run_logger(), parent_env())
 
 
 @task(name="back-up-uncached-outputs", **TASK_DEFAULTS)
@@ -68,6 +70,12 @@ def restore_workspace(
 def read_metrics(project_dir: str) -> dict[str, dict[str, Any]]:
     """``dvc metrics show --json`` of the workspace, as ``{metrics file: {metric: value}}``."""
     return dvc_driver.read_metrics(project_dir, get_run_logger())
+
+
+@task(name="read-dvc-metrics-diff", **RETRIED, **TASK_DEFAULTS)
+def read_metrics_diff(project_dir: str) -> dict[str, dict[str, Any]]:
+    """``dvc metrics diff --json``: the workspace's metrics against the commit's."""
+    return dvc_driver.read_metrics_diff(project_dir)
 
 
 @task(name="read-dvc-revision", **RETRIED, **TASK_DEFAULTS)
@@ -127,13 +135,30 @@ def pipeline_flow(
             raise
     dvc_run["experiment"] = experiment_name if experiment else None
     metrics = read_metrics(project_dir)
+    diff = read_metrics_diff(project_dir)
     revision = read_revision(project_dir, dvc_run["experiment"])
     summary = f"{len(metrics)} metrics file(s) at {revision['commit'][:7]}"
     if revision["experiment"]:
         summary += f", experiment {revision['experiment']}"
-    publish_metrics(metrics_markdown(metrics, revision, dvc_run), summary)
+    publish_metrics(metrics_markdown(metrics, revision, dvc_run, diff), summary)
     logger.info("pipeline done: %s", summary)
-    return {"dvc": dvc_run, "metrics": metrics, "revision": revision}
+    return {"dvc": dvc_run, "metrics": metrics, "diff": diff, "revision": revision}
+
+
+# Named like the pipeline's flow so that its deployment is `fcn-pipeline/study`
+# (a deployment's full name is <flow name>/<deployment name>).
+@flow(name="fcn-pipeline", flow_run_name="study {study_file}")
+def study_flow(
+    study_file: str, params_file: str = "params.yaml", reports: str = "reports", jobs: int = 1
+) -> dict[str, Any]:
+    """:func:`flows.study.run_study` as a flow run: every experiment's stages are its
+    child runs, and the report is a markdown artifact (key ``fcn-study``)."""
+    from flows.study import run_study
+
+    result = run_study(study_file, params_file, reports, jobs, get_run_logger(), parent_env())
+    report = (Path(result["report"]) / "report.md").read_text()
+    create_markdown_artifact(markdown=report, key="fcn-study", description=f"study {study_file}")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,38 +1,43 @@
-"""The ``train_<variant>`` stages as a Prefect flow, logging every epoch with DVCLive;
-with ``train.nproc_per_node`` or ``train.nnodes`` > 1, launched under torchrun."""
+"""The ``train@<variant>`` stages: one variant trained, every epoch logged with DVCLive.
+
+With ``train.nproc_per_node`` or ``train.nnodes`` > 1, ``fcn-pipeline train`` starts
+its ranks under torchrun (:func:`launch`), each running the same command again;
+rank 0 is the stage (its DVCLive curves, its report to a Prefect parent run), the
+other ranks only train (:func:`train_other_rank`)."""
 
 from __future__ import annotations
 
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-
-from fcn_pipeline.atomic import atomic_output_dir
 from fcn_pipeline.config import TrainParams
 from fcn_pipeline.distributed import under_launcher, world_from_env
 from fcn_pipeline.errors import PipelineError
-from flows.common import TASK_DEFAULTS, stage_params
+from flows.stages import Report
 
 # The params.yaml groups this stage reads; dvc.yaml declares the same.
 PARAMS = ("train", "epochs")
 
 
-@task(name="train-fcn", **TASK_DEFAULTS)
-def train_fcn(params: TrainParams, variant: str, epochs: int) -> dict[str, Any]:
-    """Train ``variant`` for ``epochs`` epochs (resuming from its checkpoint); log epochs
-    to ``<live>/<variant>``."""
+def run(params: SimpleNamespace, variant: str | None, report: Report) -> dict[str, Any]:
+    """Train ``variant`` for ``epochs.<variant>`` epochs at most (resuming from its
+    checkpoint), every epoch logged to ``<train.live>/<variant>`` with DVCLive."""
     from dvclive import Live
+    from fcn_pipeline.atomic import atomic_output_dir
     from fcn_pipeline.training import train_variant
 
-    logger = get_run_logger()
+    assert variant is not None
+    settings, epochs = params.train, getattr(params.epochs, variant)
+    key = f"train-{variant}"
+    report.progress(key, 0, epochs, f"{variant}: epochs of at most {epochs}")
     # dvcyaml=False: dvc.yaml declares the plots and metrics; save_dvc_exp=False: the
     # run is a `dvc repro`/`dvc exp run` stage, not an experiment of its own. The curves
     # are written aside and swapped in on success: a failed run keeps the previous ones.
     with (
-        atomic_output_dir(f"{params.live}/{variant}") as live_dir,
+        atomic_output_dir(f"{settings.live}/{variant}") as live_dir,
         Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live,
     ):
 
@@ -41,34 +46,59 @@ def train_fcn(params: TrainParams, variant: str, epochs: int) -> dict[str, Any]:
             for name, value in metrics.items():
                 live.log_metric(name, value)
             live.next_step()
+            report.progress(key, epoch, epochs, f"{variant}: val mean IU "
+                            f"{metrics['val_mean_iu']:.4f} after epoch {epoch}")  # fmt: skip
 
-        result = train_variant(params, variant, epochs, on_epoch_end=on_epoch_end, log=logger.info)
+        result = train_variant(settings, variant, epochs, on_epoch_end=on_epoch_end,
+                               log=report.info)  # fmt: skip
         live.summary.update(result.summary)  # metrics.json: the last epoch's, and these
-    final = result.history[-1] if result.history else {}
     summary = result.summary
-    logger.info(
+    report.progress(key, epochs, epochs, f"{variant}: {result.epochs} epochs run")
+    report.info(
         "%s: %d epochs (%d restored from the checkpoint), final val mean IU %s, best %s at "
-        "epoch %d%s; wrote %s",
-        result.variant,
-        result.epochs,
-        result.resumed_from,
-        f"{final['val_mean_iu']:.4f}" if final else "n/a",
-        f"{summary['best_val_mean_iu']:.4f}" if final else "n/a",
-        result.best_epoch,
-        " (stopped on a plateau)" if result.stopped_on_plateau else "",
-        result.model_path,
-    )
+        "epoch %d%s; wrote %s", variant, result.epochs, result.resumed_from,
+        f"{result.history[-1]['val_mean_iu']:.4f}" if result.history else "n/a",
+        f"{summary['best_val_mean_iu']:.4f}" if result.history else "n/a", result.best_epoch,
+        " (stopped on a plateau)" if result.stopped_on_plateau else "", result.model_path,
+    )  # fmt: skip
+    report.table(
+        f"{key}-curve",
+        [{"epoch": n, **{k: round(v, 4) for k, v in m.items()}}
+         for n, m in enumerate(result.history, start=1)],
+        f"{variant}: per-epoch training loss and validation scores",
+    )  # fmt: skip
+    report.link(f"{key}-model", result.model_path, f"{variant}: best validation epoch's weights")
+    final = result.history[-1] if result.history else {}
     return {"model": str(result.model_path), "epochs": result.epochs, "final": final, **summary}
 
 
-@flow(name="train", log_prints=True)
-def train_flow(
-    variant: str, params_file: str = "params.yaml", overrides: dict[str, Any] | None = None
-) -> dict:
-    """Run the ``train@<variant>`` stage with ``params_file`` (``train:`` and
-    ``epochs.<variant>``) and overrides."""
-    params = stage_params(params_file, overrides, PARAMS)
-    return train_fcn(params.train, variant, getattr(params.epochs, variant))
+def launch(params: SimpleNamespace, variant: str, argv: list[str]) -> dict[str, Any] | None:
+    """What this process does instead of the stage, if anything: start the ranks under
+    torchrun (more than one asked for, none started yet), or train as a rank other than
+    0. None: this process is the stage (one process, or rank 0)."""
+    if needs_launcher(params.train):
+        return launch_ranks(params.train, argv)
+    if other_rank():
+        return train_other_rank(params, variant)
+    return None
+
+
+def needs_launcher(train: TrainParams) -> bool:
+    """More than one rank asked for, and this process is not one of them yet."""
+    return (train.nproc_per_node > 1 or train.nnodes > 1) and not under_launcher()
+
+
+def other_rank() -> bool:
+    """A rank under torchrun other than rank 0."""
+    return under_launcher() and not world_from_env().main
+
+
+def train_other_rank(params: SimpleNamespace, variant: str) -> dict[str, Any]:
+    """What a rank other than 0 does: the same training, no curves, no report."""
+    from fcn_pipeline.training import train_variant
+
+    result = train_variant(params.train, variant, getattr(params.epochs, variant))
+    return {"model": str(result.model_path), "epochs": result.epochs}
 
 
 def torchrun_command(train: TrainParams, argv: list[str]) -> list[str]:
@@ -109,27 +139,3 @@ def launch_ranks(train: TrainParams, argv: list[str]) -> dict[str, Any]:
             "rank's error, or torchrun's report of the rank that died, is above"
         )
     return {"world_size": processes}
-
-
-def train_stage(
-    variant: str, params_file: str, overrides: dict[str, Any] | None, argv: list[str]
-) -> Any:
-    """The ``fcn-pipeline train`` command (``argv``: its arguments).
-
-    One process: the Prefect flow. ``train.nproc_per_node`` or ``train.nnodes`` > 1
-    and no launcher yet: start the ranks under torchrun, each running this again.
-    Under a launcher, rank 0 runs the Prefect flow (the one Prefect client, the
-    DVCLive logs, the files) and the other ranks run the same training without
-    Prefect, so a run never starts one Prefect server per rank."""
-    params = stage_params(params_file, overrides, PARAMS)
-    train = params.train
-    if not under_launcher():
-        if train.nproc_per_node > 1 or train.nnodes > 1:
-            return launch_ranks(train, argv)
-        return train_flow(variant=variant, params_file=params_file, overrides=overrides)
-    if world_from_env().main:
-        return train_flow(variant=variant, params_file=params_file, overrides=overrides)
-    from fcn_pipeline.training import train_variant
-
-    result = train_variant(train, variant, getattr(params.epochs, variant))
-    return {"model": str(result.model_path), "epochs": result.epochs}

@@ -66,11 +66,27 @@ def prefect_api_url() -> str:
         yield PREFECT_API_URL.value()
 
 
-def project_env(prefect_api_url: str) -> dict[str, str]:
-    """Environment for subprocesses: the venv first on PATH, the shared Prefect API."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def project_env(prefect_api_url: str | None = None) -> dict[str, str]:
+    """Environment for subprocesses: the venv first on PATH, and the shared Prefect API
+    when given; without one, no Prefect API at all and Prefect's temporary server
+    forbidden, so a command that should be a plain program fails if it reaches for
+    Prefect."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PREFECT_API_URL"] = prefect_api_url
+    if prefect_api_url is None:
+        env.pop("PREFECT_API_URL", None)
+        env["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
+    else:
+        env["PREFECT_API_URL"] = prefect_api_url
     return env
 
 

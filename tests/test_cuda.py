@@ -51,7 +51,7 @@ from fcn_pipeline.metrics import segmentation_scores
 from fcn_pipeline.models import UPSAMPLE_MODES, VARIANTS, build_fcn
 from fcn_pipeline.runtime import autocast, predict_batches
 from fcn_pipeline.training import train_variant
-from flows.server import free_port
+from tests.conftest import free_port
 
 pytestmark = [
     pytest.mark.cuda,

@@ -22,8 +22,7 @@ from fcn_pipeline.distributed import process_group
 from fcn_pipeline.evaluation import predict_and_count
 from fcn_pipeline.models import build_fcn
 from fcn_pipeline.training import evaluate, train_variant
-from flows.server import free_port
-from tests.conftest import REPO, perturb_weights, predicted_classes, project_env
+from tests.conftest import REPO, free_port, perturb_weights, predicted_classes, project_env
 
 # --- samplers (no processes) --------------------------------------------------------
 
@@ -169,8 +168,8 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 
 
 @pytest.fixture
-def env(prefect_api_url: str) -> dict[str, str]:
-    env = project_env(prefect_api_url)
+def env() -> dict[str, str]:
+    env = project_env()
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         env.pop(name, None)

@@ -26,10 +26,8 @@ def files_under(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_pull_from_a_local_remote_restores_outputs_bit_for_bit(
-    project_copy, prefect_api_url, tmp_path
-):
-    env = project_env(prefect_api_url)
+def test_pull_from_a_local_remote_restores_outputs_bit_for_bit(project_copy, tmp_path):
+    env = project_env()
     params = yaml.safe_load((project_copy / "params.yaml").read_text())
     params["data"]["synthetic"].update(
         height=48, width=64, splits={"train": 4, "val": 2, "test": 2}

@@ -323,14 +323,12 @@ def test_an_unforeseen_error_is_one_line_and_its_traceback_is_on_request(
     tmp_path, capsys, monkeypatch
 ):
     import flows.cli
+    import flows.stats
 
-    def broken(args, overrides):
+    def broken(params, variant, report):
         raise ZeroDivisionError("division by zero\nsecond line of detail")
 
-    monkeypatch.setattr(flows.cli, "_stats", broken)
-    # Configuring Prefect's logging under capsys would bind its console handler to a
-    # stream that closes with this test; no flow runs here, so nothing is lost.
-    monkeypatch.setattr("flows.console.quiet_prefect_failures", lambda: 0)
+    monkeypatch.setattr(flows.stats, "run", broken)
     params_file = tmp_path / "params.yaml"
     params_file.write_text("{}\n")
     assert flows.cli.main(["--params", str(params_file), "stats"]) == 1
@@ -347,10 +345,10 @@ def test_an_unforeseen_error_is_one_line_and_its_traceback_is_on_request(
     assert "Traceback" in capsys.readouterr().err
     monkeypatch.delenv("FCN_DEBUG")
 
-    def interrupted(args, overrides):
+    def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flows.cli, "_stats", interrupted)
+    monkeypatch.setattr(flows.stats, "run", interrupted)
     assert flows.cli.main(["--params", str(params_file), "stats"]) == 130
     assert capsys.readouterr().err == (
         "fcn-pipeline stats: error: interrupted; the previous outputs are as they were\n"
@@ -366,13 +364,15 @@ def test_an_unforeseen_error_is_one_line_and_its_traceback_is_on_request(
     assert "git checkout -- . && dvc checkout" in err
 
 
-def run_stage(cwd: Path, prefect_api_url: str, *argv: str) -> subprocess.CompletedProcess:
-    """``fcn-pipeline ARGV`` in ``cwd`` (with the project's params.yaml and prefect.toml)."""
-    for name in ("params.yaml", "prefect.toml"):
-        if not (cwd / name).exists():
-            shutil.copy(REPO / name, cwd / name)
-    env = {**project_env(prefect_api_url), "PYTHONPATH": str(REPO)}
-    env.pop("FCN_DEBUG", None)
+def run_stage(cwd: Path, *argv: str, debug: bool = False) -> subprocess.CompletedProcess:
+    """``fcn-pipeline ARGV`` in ``cwd`` (with the project's params.yaml), no Prefect API."""
+    if not (cwd / "params.yaml").exists():
+        shutil.copy(REPO / "params.yaml", cwd / "params.yaml")
+    env = {**project_env(), "PYTHONPATH": str(REPO)}
+    if debug:
+        env["FCN_DEBUG"] = "1"
+    else:
+        env.pop("FCN_DEBUG", None)
     return subprocess.run(
         ["fcn-pipeline", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -388,12 +388,7 @@ def error_lines(run: subprocess.CompletedProcess, stage: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_failing_stage_shows_one_line_and_the_server_keeps_the_traceback(
-    tmp_path, prefect_api_url
-):
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, LogFilter
-
+def test_a_failing_stage_shows_one_line_and_the_traceback_on_request(tmp_path):
     root = tmp_path / "camvid"
     make_camvid(root)
     out = tmp_path / "ingested"
@@ -402,30 +397,26 @@ def test_a_failing_stage_shows_one_line_and_the_server_keeps_the_traceback(
     mask = np.array(Image.open(root / "valannot" / "val_001.png"))
     mask[3, 4] = 200
     save_png(root / "valannot" / "val_001.png", mask)
+    argv = ["ingest", "--format", "camvid", "--root", str(root), "--out", str(out),
+            "--workers", "1"]  # fmt: skip
 
-    run = run_stage(
-        tmp_path, prefect_api_url, "ingest", "--format", "camvid", "--root", str(root),
-        "--out", str(out), "--workers", "1",
-    )  # fmt: skip
+    run = run_stage(tmp_path, *argv)
     error_lines(run, "ingest")
     assert f"{root / 'valannot' / 'val_001.png'}: mask values [200] outside 0..11" in run.stderr
-    assert "Finished in state Failed" not in run.stderr
+    assert "prefect" not in run.stderr.lower()  # a plain program: no run, no server, no link
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
-    # The run still ends Failed on the server, its log with the traceback.
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name={"any_": ["ingest"]}))
-        (ours,) = [r for r in runs if r.parameters["overrides"].get("data.root") == str(root)]
-        assert ours.state.is_failed()
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [ours.id]}))
-    reports = [log.message for log in logs if "Traceback (most recent call last)" in log.message]
-    assert reports and all("mask values [200]" in message for message in reports)
+    debug = run_stage(tmp_path, *argv, debug=True)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    (line,) = error_lines(run, "ingest")
+    assert debug.stderr.index("Traceback") < debug.stderr.index(line)
+    assert snapshot(out) == before and leftovers(tmp_path) == []
 
 
 @pytest.mark.slow
-def test_an_output_under_a_regular_file_is_one_line_naming_it(tmp_path, prefect_api_url):
+def test_an_output_under_a_regular_file_is_one_line_naming_it(tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
-    run = run_stage(tmp_path, prefect_api_url, "ingest", "--out", "a-file/data/ingested")
+    run = run_stage(tmp_path, "ingest", "--out", "a-file/data/ingested")
     (line,) = error_lines(run, "ingest")
     assert line == "fcn-pipeline ingest: error: a-file/data: Not a directory"
 
@@ -449,14 +440,15 @@ def tiny_train_params(tiny_data: Path, directory: Path) -> Path:
     return path
 
 
-def test_a_successful_training_swaps_its_curves_in(tiny_data, tmp_path, prefect_api_url):
-    from flows.train import train_flow
+def test_a_successful_training_swaps_its_curves_in(tiny_data, tmp_path):
+    from flows.stages import run_stage, stage_params
+    from flows.train import PARAMS
 
     params_file = tiny_train_params(tiny_data, tmp_path)
     curves = tmp_path / "dvclive" / "fcn32s"
     curves.mkdir(parents=True)
     (curves / "metrics.json").write_text('{"step": 9}\n')  # an earlier run's
-    train_flow("fcn32s", params_file=str(params_file))
+    run_stage("train", "fcn32s", stage_params(str(params_file), None, PARAMS))
     summary = yaml.safe_load((curves / "metrics.json").read_text())
     assert summary["step"] == 2 and 0.0 <= summary["val_mean_iu"] <= 1.0
     assert len((curves / "plots" / "metrics" / "val_mean_iu.tsv").read_text().splitlines()) == 3
@@ -464,7 +456,7 @@ def test_a_successful_training_swaps_its_curves_in(tiny_data, tmp_path, prefect_
 
 
 @pytest.mark.slow
-def test_a_failed_training_keeps_the_previous_curves(tiny_data, tmp_path, prefect_api_url):
+def test_a_failed_training_keeps_the_previous_curves(tiny_data, tmp_path):
     tiny_train_params(tiny_data, tmp_path)
     coarser = tmp_path / "models" / "fcn32s" / "model.pt"
     coarser.parent.mkdir(parents=True)
@@ -475,7 +467,7 @@ def test_a_failed_training_keeps_the_previous_curves(tiny_data, tmp_path, prefec
     (curves / "plots" / "metrics" / "val_mean_iu.tsv").write_text("step\tval_mean_iu\n3\t0.5\n")
     before = snapshot(tmp_path / "dvclive")
 
-    run = run_stage(tmp_path, prefect_api_url, "train", "--variant", "fcn16s")
+    run = run_stage(tmp_path, "train", "--variant", "fcn16s")
     (line,) = error_lines(run, "train")
     assert f"{coarser}: corrupt or not a PyTorch file" in line
     assert snapshot(tmp_path / "dvclive") == before
@@ -483,10 +475,8 @@ def test_a_failed_training_keeps_the_previous_curves(tiny_data, tmp_path, prefec
 
 
 @pytest.mark.slow
-def test_under_dvc_repro_a_failure_is_one_line_and_dvc_checkout_restores(
-    project_copy, prefect_api_url
-):
-    env = {**project_env(prefect_api_url), "PYTHONPATH": str(REPO)}
+def test_under_dvc_repro_a_failure_is_one_line_and_dvc_checkout_restores(project_copy):
+    env = {**project_env(), "PYTHONPATH": str(REPO)}
     env.pop("FCN_DEBUG", None)
     settings = yaml.safe_load((project_copy / "params.yaml").read_text())
     root = project_copy.parent / "camvid"

@@ -335,9 +335,7 @@ def test_cli_rejects_bad_params_before_any_work(tmp_path, capsys):
     assert "data.shard_size" in capsys.readouterr().err
 
 
-def test_cli_exits_nonzero_when_the_flow_fails(tmp_path, prefect_api_url):
-    # No capsys here: a flow run inside a capture fixture leaves Prefect's
-    # console handler writing to a stream that closes with the test.
+def test_cli_exits_nonzero_when_the_stage_fails(tmp_path):
     from flows.cli import main
 
     assert main(["ingest", "--format", "camvid", "--root", str(tmp_path / "absent")]) == 1

@@ -309,9 +309,7 @@ def test_a_schema_mismatch_is_named(small: dict[str, Path], tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_stats_and_patches_flows_run_from_the_cli(
-    small: dict[str, Path], tmp_path: Path, prefect_api_url: str
-) -> None:
+def test_stats_and_patches_stages_run_from_the_cli(small: dict[str, Path], tmp_path: Path):
     base = ["--params", str(REPO / "params.yaml")]
     stats, patches = tmp_path / "stats", tmp_path / "patches"
     data = str(small["data"])
@@ -321,6 +319,6 @@ def test_stats_and_patches_flows_run_from_the_cli(
     assert main([*argv, "--strategy", "grid", "--patch-size", "32", "--stride", "32"]) == 0
     summary = json.loads((patches / "patches.json").read_text())
     assert summary["params"]["strategy"] == "grid" and summary["patches"] == 12 * 4
-    # A failure inside the flow: non-zero exit, the previous patch set intact.
+    # A failure inside the stage: non-zero exit, the previous patch set intact.
     assert main([*argv, "--stats", str(tmp_path / "missing")]) == 1
     assert json.loads((patches / "patches.json").read_text()) == summary

@@ -19,8 +19,8 @@ def dvc(project, *args, env) -> subprocess.CompletedProcess:
     )
 
 
-def test_dvc_repro_ingest_then_up_to_date(project_copy, prefect_api_url):
-    env = project_env(prefect_api_url)
+def test_dvc_repro_ingest_then_up_to_date(project_copy):
+    env = project_env()
     params = yaml.safe_load((project_copy / "params.yaml").read_text())
     params["data"]["synthetic"]["splits"] = {"train": 8, "val": 2, "test": 2}
     (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -42,9 +42,9 @@ def test_dvc_repro_ingest_then_up_to_date(project_copy, prefect_api_url):
     assert "params.yaml" in stale.stdout and "modified:" in stale.stdout, stale.stdout
 
 
-def test_dvc_repro_whole_pipeline_then_metrics_and_plots(project_copy, prefect_api_url):
+def test_dvc_repro_whole_pipeline_then_metrics_and_plots(project_copy):
     """ingest -> stats -> patches -> train 32s/16s/8s -> evaluate, on a tiny configuration."""
-    env = project_env(prefect_api_url)
+    env = project_env()
     params = yaml.safe_load((project_copy / "params.yaml").read_text())
     params["data"]["synthetic"].update(
         height=48, width=64, splits={"train": 4, "val": 2, "test": 2}

@@ -21,8 +21,7 @@ import yaml
 from PIL import Image
 
 from flows.dvc_driver import _stage_error_lines, dvc_command, metrics_markdown
-from flows.server import free_port
-from tests.conftest import copy_project
+from tests.conftest import copy_project, free_port
 
 # A tiny run (as in test_pipeline_dvc.py). Only keys params.yaml has are set:
 # whoever adds a slow stage adds its small knobs here.
@@ -296,12 +295,23 @@ def test_deployment_run_is_versioned_by_dvc(stack, first_run):
     if not declared:
         assert "No metrics yet" in mine[0].data
 
-    # Each stage command (`fcn-pipeline <flow> ...`) ran its flow on the same server.
-    with Repo(str(stack.project)) as repo:
-        stage_flows = {stage.cmd.split()[1] for stage in repo.index.stages}
+    assert "Against the committed reference (`dvc metrics diff`" in mine[0].data
+
+    # Each stage DVC ran is a subflow run of the pipeline run, named as in dvc.yaml,
+    # completed, with its artifacts (the evaluated variants' scores among them).
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
     with stack.client() as client:
-        flow_names = {flow.name for flow in client.read_flows()}
-    assert {"fcn-pipeline", *stage_flows} <= flow_names
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[first_run.flow_run_id])
+            )
+        )
+        keys = {artifact.key for artifact in client.read_artifacts()}
+    assert sorted(run.name for run in children) == sorted(stages)
+    assert all(run.state.is_completed() for run in children)
+    for variant in scores:
+        assert {f"{variant}-metrics", f"{variant}-per-class-iu", f"train-{variant}"} <= keys
 
 
 @pytest.mark.slow

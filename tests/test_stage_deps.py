@@ -82,9 +82,9 @@ def closure(start: set[str], root: Path = REPO, cli_functions: set[str] | None =
 
 def stage_closure(stage: str, root: Path = REPO) -> set[str]:
     """Files the command ``fcn-pipeline <stage>`` runs: flows/cli.py's top level, its
-    ``main`` and the stage's own handler, and everything they import."""
-    handler = {"train": "_train", "evaluate": "_evaluate"}.get(stage, f"_{stage}")
-    return closure({"flows.cli"}, root, cli_functions={"main", handler, "_fail"})
+    ``main`` and the stages' handler, the stage's module ``flows/<stage>.py`` (which the
+    handler imports by name) and everything they import."""
+    return closure({"flows.cli", f"flows.{stage}"}, root, cli_functions={"main", "_stage", "_fail"})
 
 
 def declared(deps: list[str]) -> list[str]:
@@ -118,11 +118,22 @@ def test_the_closure_follows_imports_inside_functions_and_parent_packages():
     assert "flows/train.py" in files and "fcn_pipeline/training.py" in files
     assert "fcn_pipeline/distributed.py" in files  # imported by training.py
     assert "fcn_pipeline/models/__init__.py" in files and "fcn_pipeline/__init__.py" in files
-    assert "flows/ingest.py" not in files  # another stage's handler is not run
+    assert "flows/ingest.py" not in files  # another stage's module is not run
+    assert "flows/executor.py" not in files  # only the data stages map shards
 
 
 def test_every_stage_lists_every_file_its_command_imports():
     assert missing() == {stage: [] for stage in stage_deps()}
+
+
+def test_no_stage_lists_code_it_does_not_import():
+    """A listed file the command never imports reruns the stage for nothing."""
+    unused = {}
+    for stage, deps in stage_deps().items():
+        needed = stage_closure(stage)
+        code = [dep for dep in deps if dep.split("/")[0] in PACKAGES]
+        unused[stage] = [d for d in code if not any(covered(n, [d]) for n in needed)]
+    assert unused == {stage: [] for stage in stage_deps()}
 
 
 def test_a_dependency_removed_from_dvc_yaml_is_caught(tmp_path):

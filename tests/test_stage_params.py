@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fcn_pipeline.config import Params, load_params
-from flows.common import stage_params
+from flows.stages import stage_params
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -270,11 +270,11 @@ def test_aggregate_compare_and_report_files(tmp_path):
 
 
 def test_the_study_deployment_runs_the_study_flow_as_fcn_pipeline_study():
-    from flows.study import study_flow
+    from flows.pipeline import study_flow
 
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     [study] = [d for d in deployments if d["name"] == "study"]
-    assert study["entrypoint"] == "flows/study.py:study_flow"
+    assert study["entrypoint"] == "flows/pipeline.py:study_flow"
     assert f"{study_flow.name}/{study['name']}" == "fcn-pipeline/study"
 
 

@@ -63,10 +63,8 @@ def exp_refs(project: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(
-    project_copy, prefect_api_url
-):
-    env = project_env(prefect_api_url)
+def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(project_copy):
+    env = project_env()
     tiny_project(project_copy)
     write_study(project_copy, "tiny", TINY_STUDY)
     params_before = (project_copy / "params.yaml").read_bytes()
@@ -170,10 +168,8 @@ def lanes_beside(project: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_jobs_two_runs_the_experiments_in_lanes_and_the_project_lists_them(
-    project_copy, prefect_api_url
-):
-    env = project_env(prefect_api_url)
+def test_jobs_two_runs_the_experiments_in_lanes_and_the_project_lists_them(project_copy):
+    env = project_env()
     tiny_project(project_copy)
     write_study(project_copy, "tiny", TINY_STUDY)
     params_before = (project_copy / "params.yaml").read_bytes()
