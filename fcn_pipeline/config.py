@@ -149,7 +149,7 @@ UpsampleMode = Literal["learned", "frozen", "interp"]
 Geometry = Literal["paper", "same"]
 Norm = Literal["none", "batch"]
 OptimizerName = Literal["sgd", "adam"]
-LrSchedule = Literal["poly", "fixed"]
+LrSchedule = Literal["poly", "fixed", "plateau"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
 
@@ -184,9 +184,13 @@ class TrainParams(StrictModel):
     precision: Precision = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16
     preload_mb: int = Field(2048, ge=0)  # decode sets up to this size once, into memory
     # Plateau stop: end a stage when validation mean IU has not beaten its best by
-    # plateau_min_gain for plateau_patience epochs (0 = off: run every epoch).
+    # plateau_min_gain for plateau_patience epochs (0 = off: run every epoch). With
+    # schedule plateau, each of the first plateau_drops plateaus multiplies the lr by
+    # plateau_factor instead, and the next one ends the stage.
     plateau_patience: int = Field(0, ge=0)
     plateau_min_gain: float = Field(0.001, ge=0.0, le=1.0)
+    plateau_factor: float = Field(0.1, gt=0.0, lt=1.0)
+    plateau_drops: int = Field(2, ge=0, le=10)
     val_split: Split = "val"
     eval_batch_size: int = Field(16, ge=1, le=4096)
     device: DeviceName = "auto"
@@ -208,6 +212,15 @@ class TrainParams(StrictModel):
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) is the global batch and must divide "
                 f"evenly over train.nproc_per_node * train.nnodes = {processes} processes"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _plateau_schedule_needs_patience(self) -> TrainParams:
+        if self.schedule == "plateau" and self.plateau_patience == 0:
+            raise ValueError(
+                "train.schedule plateau lowers the lr when validation mean IU stops rising: "
+                "it needs train.plateau_patience > 0 (epochs without a gain), got 0"
             )
         return self
 

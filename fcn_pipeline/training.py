@@ -202,16 +202,45 @@ def poly_factor(step: int, total_steps: int, power: float) -> float:
     return (1.0 - min(step, total_steps) / max(total_steps, 1)) ** power
 
 
+class PlateauScale:
+    """The lr multiplier of the ``plateau`` schedule: ``plateau_factor`` to the number
+    of drops so far, which :meth:`update` replays from the validation curve (so a
+    resumed run, whose checkpoint holds the curve, continues at the same lr). Holds one
+    float: LambdaLR saves a callable object's attributes in the checkpoint, which is
+    read back with ``weights_only=True``."""
+
+    def __init__(self) -> None:
+        self.drops = 0
+        self.value = 1.0
+
+    def __call__(self, step: int) -> float:
+        return self.value
+
+    def update(self, history: list[dict[str, float]], params: TrainParams, scheduler: Any) -> bool:
+        """Set the multiplier for ``history`` and apply it to the optimizer now; whether
+        it changed."""
+        drops, _ = plateau_phases([metrics["val_mean_iu"] for metrics in history], params)
+        changed = drops != self.drops
+        self.drops, self.value = drops, params.plateau_factor**drops
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * self.value
+        return changed
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, params: TrainParams, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step learning rate: ``poly`` decays each group's lr to 0 over ``total_steps``,
-    ``fixed`` keeps it. Call ``step()`` after every optimizer step."""
+    ``fixed`` keeps it, ``plateau`` divides it at each plateau (its multiplier,
+    :class:`PlateauScale`, is the scheduler's ``lr_lambdas[0]``: update it after every
+    epoch). Call ``step()`` after every optimizer step."""
     if params.schedule == "poly":
         power = params.poly_power
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: poly_factor(step, total_steps, power)
         )
+    if params.schedule == "plateau":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, PlateauScale())
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
@@ -359,6 +388,23 @@ def plateau_reached(curve: list[float], patience: int, min_gain: float) -> bool:
     if patience <= 0 or len(curve) <= patience:
         return False
     return max(curve[-patience:]) < max(curve[:-patience]) + min_gain
+
+
+def plateau_phases(curve: list[float], params: TrainParams) -> tuple[int, bool]:
+    """Replay the plateau rule over a validation curve: the lr drops so far and whether
+    the stage stops. Without the ``plateau`` schedule the first plateau stops it; with it,
+    each of the first ``plateau_drops`` plateaus is a drop, and a plateau needs
+    ``plateau_patience`` epochs since the last drop (at the new lr) to count."""
+    patience, gain = params.plateau_patience, params.plateau_min_gain
+    allowed = params.plateau_drops if params.schedule == "plateau" else 0
+    drops, since = 0, 0
+    for end in range(1, len(curve) + 1):
+        if end - since < patience or not plateau_reached(curve[:end], patience, gain):
+            continue
+        if drops == allowed:
+            return drops, True
+        drops, since = drops + 1, end
+    return drops, False
 
 
 def best_epoch(history: list[dict[str, float]]) -> int:
@@ -555,6 +601,7 @@ def _train(
         fingerprint = run_fingerprint(params, net, epochs, datasets, init_path, world.size, runtime)
         checkpoint_path = out_dir / CHECKPOINT_FILE
         progress = resume(checkpoint_path, fingerprint, model, optimizer, scheduler, log, runtime)
+        _rescale(scheduler, params, progress.history)
         start_epoch = progress.epoch
         for number, metrics in enumerate(progress.history, start=1):
             if on_epoch_end:
@@ -600,6 +647,12 @@ def _train(
             if best_epoch(progress.history) == epoch:
                 progress.best_state = weights_copy(model)
             stopped = _stopped(params, progress.history)
+            if _rescale(scheduler, params, progress.history) and not stopped:
+                log(
+                    f"{net}: validation mean IU gained less than {params.plateau_min_gain} in "
+                    f"{params.plateau_patience} epochs; lr x {params.plateau_factor} from "
+                    f"epoch {epoch + 1}"
+                )
             if world.main:
                 save_checkpoint(
                     checkpoint_path, fingerprint, model, optimizer, scheduler, progress, runtime
@@ -632,8 +685,16 @@ def _train(
 
 
 def _stopped(params: TrainParams, history: list[dict[str, float]]) -> bool:
-    curve = [metrics["val_mean_iu"] for metrics in history]
-    return plateau_reached(curve, params.plateau_patience, params.plateau_min_gain)
+    return plateau_phases([metrics["val_mean_iu"] for metrics in history], params)[1]
+
+
+def _rescale(
+    scheduler: torch.optim.lr_scheduler.LRScheduler, params: TrainParams, history: list[dict]
+) -> bool:
+    """The ``plateau`` schedule's lr for the epochs after ``history`` (others: nothing);
+    whether it dropped."""
+    scale = getattr(scheduler, "lr_lambdas", [None])[0]
+    return isinstance(scale, PlateauScale) and scale.update(history, params, scheduler)
 
 
 def _save_models(
@@ -680,6 +741,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "evaluate",
+    "plateau_phases",
     "plateau_reached",
     "poly_factor",
     "run_fingerprint",

@@ -450,6 +450,64 @@ def test_plateau_rule(curve, patience, gain, expected):
     assert training.plateau_reached(curve, patience, gain) is expected
 
 
+@pytest.mark.parametrize(
+    ("curve", "patience", "drops", "expected"),
+    [
+        ([0.1, 0.2, 0.3, 0.4], 2, 2, (0, False)),  # rising: no plateau
+        ([0.3, 0.3, 0.3], 2, 0, (0, True)),  # no drops allowed: the first plateau stops
+        ([0.3, 0.3, 0.3], 2, 2, (1, False)),  # first plateau: a drop
+        ([0.3, 0.3, 0.3, 0.3], 2, 2, (1, False)),  # one epoch at the new lr is too few
+        ([0.3, 0.3, 0.3, 0.3, 0.3], 2, 2, (2, False)),  # patience epochs since the drop
+        ([0.3, 0.3, 0.3, 0.5, 0.6, 0.7], 2, 2, (1, False)),  # the drop paid: rising again
+        ([0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3], 2, 2, (2, True)),  # third plateau stops
+    ],
+)
+def test_plateau_phases(curve, patience, drops, expected):
+    params = TrainParams(
+        schedule="plateau" if drops else "poly", plateau_patience=patience,
+        plateau_min_gain=0.01, plateau_drops=drops,
+    )  # fmt: skip
+    assert training.plateau_phases(curve, params) == expected
+
+
+def test_the_plateau_schedule_needs_a_patience():
+    with pytest.raises(ValueError, match=r"train\.plateau_patience > 0"):
+        TrainParams(schedule="plateau")
+
+
+def test_the_plateau_schedule_divides_the_lr_at_each_plateau_then_stops(tiny_data, tmp_path):
+    # No epoch can gain 1.0: every epoch after the first ends a plateau of one epoch.
+    changes = {"schedule": "plateau", "lr": 0.01, "plateau_patience": 1,
+               "plateau_min_gain": 1.0, "plateau_drops": 2, "plateau_factor": 0.1}  # fmt: skip
+    params = tiny_params(tiny_data, tmp_path / "a", **changes)
+    result = train_variant(params, "fcn32s", 6)
+    assert result.epochs == 4 and result.stopped_on_plateau
+    # `lr` is each epoch's last step's: drops after epochs 2 and 3, the stop after 4.
+    rates = [metrics["lr"] for metrics in result.history]
+    assert rates == pytest.approx([0.01, 0.01, 0.001, 0.0001], rel=1e-6)
+
+    # Killed after epoch 3 and resumed: the same lr and the same weights.
+    resumed = tiny_params(tiny_data, tmp_path / "b", **changes)
+
+    def kill_after_third_epoch(epoch: int, metrics: dict) -> None:
+        if epoch == 3:
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        train_variant(resumed, "fcn32s", 6, on_epoch_end=kill_after_third_epoch)
+    again = train_variant(resumed, "fcn32s", 6)
+    assert again.resumed_from == 3 and again.epochs == 4 and again.stopped_on_plateau
+
+    def curves(history):
+        return [(m["lr"], m["train_loss"], m["val_mean_iu"]) for m in history]
+
+    assert curves(again.history) == curves(result.history)
+    assert state_dicts_equal(
+        torch.load(tmp_path / "a" / "fcn32s" / "model_last.pt", weights_only=True)["state_dict"],
+        torch.load(tmp_path / "b" / "fcn32s" / "model_last.pt", weights_only=True)["state_dict"],
+    )
+
+
 def test_the_poly_schedule_decays_the_learning_rate_of_every_step(tiny_data, tmp_path):
     params = tiny_params(tiny_data, tmp_path, lr=0.01, poly_power=0.9)
     result = train_variant(params, "fcn32s", 2)
