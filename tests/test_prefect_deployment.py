@@ -188,7 +188,7 @@ def stack_env(prefect_home: Path, port: int) -> dict[str, str]:
         PREFECT_HOME=str(prefect_home),
         PREFECT_SERVER_API_PORT=str(port),
         PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-        PREFECT_SERVER_UI_ENABLED="false",  # not needed here; saves start-up time
+        PREFECT_SERVER_UI_ENABLED="true",  # test_the_ui_... opens it in a browser
         PREFECT_WORKER_QUERY_SECONDS="2",  # pick runs up quickly
     )
     return env
@@ -385,3 +385,36 @@ def test_experiment_deployment_records_a_dvc_experiment(stack, first_run):
         params_file.write_bytes(params_before)
         lock_file.write_bytes(lock_before)
         stack.dvc("checkout", "--force")
+
+
+# --- the UI, in a real browser --------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_ui_shows_the_stages_inside_the_pipeline_run(stack, first_run, tmp_path):
+    """The Prefect UI's page of a `fcn-pipeline/reproduce` run, in headless Chromium,
+    lists the nine stages as its subflow runs and shows the metrics artifact; a
+    screenshot is saved (to ``FCN_UI_SCREENSHOT`` when set: how
+    docs/prefect-pipeline-run.png was made)."""
+    from tests.browser import browser_page, chromium
+
+    executable = chromium()
+    if executable is None:
+        pytest.skip("no Chromium: `apt-get install chromium` (Debian); .ci/run installs it")
+    stages = stack.stage_names()
+    page_url = f"{stack.api_url.removesuffix('/api')}/runs/flow-run/{first_run.flow_run_id}"
+    shot = Path(os.environ.get("FCN_UI_SCREENSHOT") or tmp_path / "pipeline-run.png")
+    with browser_page(executable, height=1500) as page:
+        page.goto(page_url)
+        page.wait_for(lambda text: "Subflow Runs" in text, what="the run's tabs")
+        page.click("#subflow-runs")  # a tab, as a user clicks it
+        listed = page.wait_for(
+            lambda text: f"{len(stages)} Flow runs" in text and all(s in text for s in stages),
+            what=f"the {len(stages)} stages as subflow runs",
+        )
+        assert listed.count("Completed") >= len(stages) + 1  # the stages and the run
+        page.screenshot(shot)
+        page.click("#artifacts")
+        page.wait_for(lambda text: "fcn-metrics" in text, what="the fcn-metrics artifact")
+    assert shot.read_bytes()[:4] == b"\x89PNG"
