@@ -12,6 +12,7 @@ atomically at the end. Nothing heavy is imported at module level.
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -40,8 +41,9 @@ def _run_in_lanes(
             while free and queue:
                 run, lane = queue.pop(0), free.pop()
                 future = pool.submit(
-                    study_driver.run_experiment, lane, run, params_bytes, logger, env
-                )
+                    study_driver.run_experiment, lane, run, params_bytes,
+                    _named(logger, run.name), env,
+                )  # fmt: skip
                 running[future] = (lane, run)
             future = next(as_completed(list(running)))
             lane, run = running.pop(future)
@@ -54,6 +56,17 @@ def _run_in_lanes(
     if failed:
         failed[0].result()  # raises that experiment's error
     return ran
+
+
+class _Named(logging.LoggerAdapter):
+    """Lines of one experiment among interleaved lanes, prefixed with its name."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['name']}] {msg}", kwargs
+
+
+def _named(logger: Logger, name: str) -> Logger:
+    return _Named(logger, {"name": name})
 
 
 def run_study(

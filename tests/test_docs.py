@@ -1,0 +1,60 @@
+"""The README stays short, and every link in it and in docs/ leads somewhere."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {anchor(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_the_readme_is_at_most_300_lines_and_starts_with_the_two_commands():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 300
+    setup = lines.index("## Set-up")
+    assert setup == min(i for i, line in enumerate(lines) if line.startswith("## "))
+    block = "\n".join(lines[setup : setup + 15])
+    assert "bash scripts/pipeline.sh" in block and "bash scripts/test.sh" in block
+
+
+def test_every_doc_page_is_linked_from_the_readme():
+    readme = (REPO / "README.md").read_text()
+    for page in PAGES[1:]:
+        assert f"(docs/{page.name}" in readme, page.name
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_links_resolve_to_files_and_headings(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    for target in LINK.findall(text):
+        if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, fragment = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        assert resolved.exists(), f"{page.name}: {target} -> {resolved}"
+        if fragment and resolved.suffix == ".md":
+            assert fragment in anchors(resolved), f"{page.name}: #{fragment} not a heading"
+
+
+def test_the_anchor_rule_on_known_headings():
+    assert anchor("Results: the default run (synthetic dataset, 2-core CPU)") == (
+        "results-the-default-run-synthetic-dataset-2-core-cpu"
+    )
+    assert anchor("Data stages on Dask") == "data-stages-on-dask"
+    assert anchor("train (`train@fcn32s` -> `train@fcn16s`)") == "train-trainfcn32s---trainfcn16s"
