@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -302,6 +303,36 @@ class Params(StrictModel):
     epochs: EpochParams = Field(default_factory=EpochParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     executor: ExecutorParams = Field(default_factory=ExecutorParams)
+
+
+# A dotted params.yaml key, as `dvc exp run -S key=value` names it.
+_KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*$")
+
+
+def parse_value(text: str) -> Any:
+    """A ``-S`` value as DVC reads it: YAML (``0.5`` a float, ``frozen`` a string)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value``, the one override syntax (DVC's ``-S``: the CLI, the pipeline flow's
+    experiments, study files): a dotted params.yaml key and a YAML value. Whether the key
+    exists and the value fits is the schema's to say (:func:`load_params`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not _KEY.match(key):
+        raise ConfigError(
+            f"{text!r}: expected key=value with a dotted params.yaml key, as in "
+            "`dvc exp run -S train.lr=0.001`"
+        )
+    return key, parse_value(value)
+
+
+def parse_overrides(texts: list[str]) -> dict[str, Any]:
+    """:func:`parse_override` of each, as the ``overrides`` of :func:`load_params`."""
+    return dict(parse_override(text) for text in texts)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

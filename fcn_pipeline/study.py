@@ -41,12 +41,13 @@ from fcn_pipeline.config import (
     StagedVariant,
     StrictModel,
     _format_validation_error,
+    parse_override,
+    parse_overrides,
     parse_params,
 )
 from fcn_pipeline.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # usable in a git ref (experiment name)
-_KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*$")
 STAGED = ("fcn32s", "fcn16s", "fcn8s")  # the order training runs (curves are joined)
 ALPHA = 0.05  # two-sided significance level of the comparisons
 # A run has converged (its curve is flat) when the mean validation mean IU over the last
@@ -63,9 +64,10 @@ TEST_NAME = "Welch's two-sample t-test (unequal variances), two-sided"
 
 def _check_overrides(values: list[str]) -> list[str]:
     for item in values:
-        key = item.split("=", 1)[0]
-        if "=" not in item or not _KEY.match(key):
-            raise ValueError(f"expected key=value with a dotted params.yaml key, got {item!r}")
+        try:
+            parse_override(item)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
     return values
 
 
@@ -153,19 +155,6 @@ class Study:
         return [(names[0], other) for other in names[1:]]
 
 
-def parse_value(text: str) -> Any:
-    """A ``-S`` value as DVC reads it: YAML (``0.5`` a float, ``frozen`` a string)."""
-    try:
-        return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        return text
-
-
-def _split(override: str) -> tuple[str, Any]:
-    key, value = override.split("=", 1)
-    return key, parse_value(value)
-
-
 def _has_key(tree: Any, key: str) -> bool:
     for part in key.split("."):
         if not isinstance(tree, dict) or part not in tree:
@@ -225,12 +214,12 @@ def _plan_run(
     overrides.append(f"evaluate.large_object_share={spec.large_object_share}")
     params = parse_params(
         params_raw, source=f"{source} (setting {setting}, seed {seed})",
-        overrides=dict(_split(o) for o in overrides),
+        overrides=parse_overrides(overrides),
     )  # fmt: skip
     return RunSpec(
         name=f"{study}-{setting}-s{seed}",
         setting_name=setting,
-        setting=dict(_split(o) for o in spec.settings[setting]),
+        setting=parse_overrides(spec.settings[setting]),
         seed=seed,
         overrides=overrides,
         params=params,

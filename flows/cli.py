@@ -27,6 +27,9 @@ from typing import Any
 
 from fcn_pipeline.errors import ConfigError, PipelineError
 
+# The subcommands that are dvc.yaml stages (flows/<stage>.py).
+STAGE_COMMANDS = ("ingest", "stats", "patches", "train", "evaluate")
+
 
 def _stage(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     """A stage: a plain program, or a child flow run of the pipeline or study flow run
@@ -99,7 +102,7 @@ def _study(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
 def _pipeline(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     """The pipeline flow (``dvc repro`` or ``dvc exp run``) as a run on the Prefect API
     configured, the stages as its children: what the deployments run."""
-    from fcn_pipeline.config import load_params
+    from fcn_pipeline.config import load_params, parse_overrides
 
     if _prefect_api() is None:
         raise ConfigError(
@@ -107,8 +110,8 @@ def _pipeline(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
             "plain run, or `bash scripts/prefect-server.sh start && source "
             ".prefect-local/env` first"
         )
-    load_params(args.params, None)
-    if args.set and not args.exp:
+    load_params(args.params, parse_overrides(args.set))  # every key known, every value fits
+    if args.set and args.exp is None:
         raise ConfigError("pipeline: -S KEY=VALUE needs --exp (an experiment)")
     if not args.debug:
         from flows.console import quiet_prefect_failures
@@ -198,6 +201,7 @@ def _add_ingest(stages: Any) -> None:
     option("--out", dest="data.out", help="output directory")
     option("--shard-size", dest="data.shard_size", type=int, help="images per shard")
     option("--workers", dest="data.workers", type=int, help="processes (0 = all cores)")
+    _add_set(ingest)
     ingest.set_defaults(run=_stage)
 
 
@@ -207,6 +211,7 @@ def _add_stats(stages: Any) -> None:
     option("--data", dest="stats.data", metavar="INGESTED_DIR", help="ingested dataset")
     option("--out", dest="stats.out", metavar="DIR", help="output directory")
     option("--workers", dest="stats.workers", type=int, metavar="N", help="processes (0 = all)")
+    _add_set(stats)
     stats.set_defaults(run=_stage)
 
 
@@ -230,6 +235,7 @@ def _add_patches(stages: Any) -> None:
     option("--seed", dest="patches.seed", type=int, metavar="N", help="random seed")
     option("--shard-size", dest="patches.shard_size", type=int, metavar="N")
     option("--workers", dest="patches.workers", type=int, metavar="N", help="processes")
+    _add_set(patches)
     patches.set_defaults(run=_stage)
 
 
@@ -246,6 +252,7 @@ def _add_train(stages: Any) -> None:
     option("--device", dest="train.device", metavar="DEVICE", help="auto | cpu | cuda")
     option("--out", dest="train.out", metavar="DIR", help="models directory")
     option("--workers", dest="train.workers", type=int, metavar="N", help="DataLoader workers")
+    _add_set(train)
     train.set_defaults(run=_stage)
 
 
@@ -258,7 +265,26 @@ def _add_evaluate(stages: Any) -> None:
     option("--metrics", dest="evaluate.metrics", metavar="DIR", help="metrics directory")
     option("--out", dest="evaluate.out", metavar="DIR", help="plots and overlays directory")
     option("--device", dest="evaluate.device", metavar="DEVICE", help="auto | cpu | cuda")
+    _add_set(evaluate)
     evaluate.set_defaults(run=_stage)
+
+
+def _add_set(stage: Any) -> None:
+    stage.add_argument(
+        "-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override any params.yaml key for this run, as dvc exp run -S (repeatable)",
+    )  # fmt: skip
+
+
+def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """A stage's overrides: its flags (each names one key), then its ``-S KEY=VALUE``."""
+    from fcn_pipeline.config import parse_overrides
+
+    flags = vars(args).items()
+    overrides = {key: value for key, value in flags if "." in key and value is not None}
+    if args.stage in STAGE_COMMANDS:
+        overrides.update(parse_overrides(args.set))
+    return overrides
 
 
 def _add_pipeline(stages: Any) -> None:
@@ -323,12 +349,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for torchrun's ranks
-    overrides = {
-        key: value for key, value in vars(args).items() if "." in key and value is not None
-    }
     run: Callable[[argparse.Namespace, dict[str, Any]], Any] = args.run
     plain = getattr(args, "plain", False)  # predict, export: no params.yaml
     try:
+        overrides = collect_overrides(args)
         if getattr(args, "variant", None) is not None:
             check_staged_variant(args.variant, name="--variant")
         run(args, overrides)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fcn_pipeline.config import parse_overrides
+
 Logger = logging.Logger | logging.LoggerAdapter
 
 # The columns of the paper's tables, in its order (metric files: metrics/<variant>.json).
@@ -33,8 +35,6 @@ FCN_METRICS = {
     "fw_iu": "f.w. IU",
 }
 
-# `-S key=value` as `dvc exp run` takes it (`file:key=value` for another params file).
-_OVERRIDE = re.compile(r"^(?:[\w./-]+:)?[A-Za-z_][\w.\-\[\]]*=.*$")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # The only two lines of DVC's prose that are read (it has no --json for repro).
 _RUNNING = re.compile(r"^Running stage '([^']+)'")
@@ -79,9 +79,7 @@ def dvc_command(
     targets: list[str], overrides: list[str], experiment: bool, experiment_name: str | None
 ) -> list[str]:
     """The DVC command line for a run (without the ``dvc`` executable)."""
-    bad = [o for o in overrides if not _OVERRIDE.match(o)]
-    if bad:
-        raise ValueError(f"overrides must look like key=value (as in `dvc exp run -S`), got {bad}")
+    parse_overrides(overrides)  # the one key=value syntax; raises ConfigError naming it
     if not experiment:
         if overrides or experiment_name:
             raise ValueError(

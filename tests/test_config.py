@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fcn_pipeline.config import load_params, parse_params
+from fcn_pipeline.config import Params, load_params, parse_params
 from fcn_pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,3 +101,61 @@ def test_unknown_geometry_or_norm_is_refused_naming_the_key_and_choices(key, val
         match=rf"{key}: Input should be 'paper' or 'same'|{key}: Input should be 'none' or 'batch'",
     ):
         parse_params({}, overrides={key: value})
+
+
+# --- one override syntax ------------------------------------------------------------
+
+
+def leaf_keys(model, prefix: str = "") -> dict[str, object]:
+    """Every dotted key of a params model and its value (dicts are values, as in YAML)."""
+    from pydantic import BaseModel
+
+    keys: dict[str, object] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            keys.update(leaf_keys(value, f"{prefix}{name}."))
+        else:
+            keys[f"{prefix}{name}"] = value
+    return keys
+
+
+def test_every_params_key_is_reachable_from_its_stage_command():
+    """`fcn-pipeline <stage> -S key=value` reaches every key of the groups the stage reads."""
+    import importlib
+
+    from flows.cli import STAGE_COMMANDS, build_parser, collect_overrides
+
+    defaults = leaf_keys(Params())
+    reached = set()
+    for stage in STAGE_COMMANDS:
+        groups = importlib.import_module(f"flows.{stage}").PARAMS
+        variant = ["--variant", "fcn8s"] if stage in ("train", "evaluate") else []
+        for key, value in defaults.items():
+            if key.split(".")[0] not in groups:
+                continue
+            plain = list(value) if isinstance(value, tuple) else value
+            text = yaml.safe_dump(plain, default_flow_style=True).strip().removesuffix("...")
+            args = build_parser().parse_args([stage, *variant, "-S", f"{key}={text.strip()}"])
+            overrides = collect_overrides(args)
+            assert list(overrides) == [key], (stage, key)
+            loaded = load_params(REPO / "params.yaml", overrides)
+            for part in key.split("."):
+                loaded = getattr(loaded, part)
+            assert loaded == value, (stage, key, text)
+            reached.add(key)
+    assert reached == set(defaults)  # every group is some stage's
+
+
+def test_one_key_value_syntax_names_what_is_wrong():
+    from fcn_pipeline.config import parse_override
+
+    assert parse_override("train.lr=0.01") == ("train.lr", 0.01)
+    assert parse_override("train.upsample=frozen") == ("train.upsample", "frozen")
+    assert parse_override("train.pretrained=null") == ("train.pretrained", None)
+    assert parse_override("data.synthetic.splits={train: 2}") == (
+        "data.synthetic.splits", {"train": 2},
+    )  # fmt: skip
+    for bad in ("train.lr", "=1", "train..lr=1", "1train=2"):
+        with pytest.raises(ConfigError, match=r"expected key=value"):
+            parse_override(bad)

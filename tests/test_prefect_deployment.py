@@ -65,7 +65,9 @@ def test_reproduce_runs_dvc_repro_and_experiments_run_dvc_exp_run():
 def test_overrides_need_an_experiment_and_the_key_value_form():
     with pytest.raises(ValueError, match="fcn-pipeline/experiment"):
         dvc_command([], ["data.synthetic.seed=3"], experiment=False, experiment_name=None)
-    with pytest.raises(ValueError, match="key=value"):
+    from fcn_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="key=value"):
         dvc_command([], ["data.synthetic.seed"], experiment=True, experiment_name=None)
 
 
