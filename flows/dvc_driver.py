@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fcn_pipeline.config import parse_overrides
+from fcn_pipeline.errors import PipelineError
 
 Logger = logging.Logger | logging.LoggerAdapter
 
@@ -43,6 +44,45 @@ _SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
 _STAGE_REPORT = re.compile(r"^\S+ [\w.-]+: error: ")
 # Otherwise: anything that looks like an error or exception line.
 _ERROR_LINE = re.compile(r"(\berror\b|\w(Error|Exception)\b)", re.IGNORECASE)
+
+
+class CommandError(PipelineError):
+    """A dvc or git command failed; the message names it, where it ran, its exit status
+    and the last line of its stderr."""
+
+
+def command(
+    tool: str, *args: str, cwd: str | Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``dvc <args>`` or ``git <args>`` in ``cwd`` (dvc from this environment), captured;
+    with ``check``, :class:`CommandError` when it fails. Every dvc and git call of flows/
+    goes through here, except :func:`run_dvc`, which streams."""
+    argv = [_executable(tool), *args]
+    result = subprocess.run(
+        argv, cwd=cwd, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no error output)"])[-1]
+        raise CommandError(
+            f"`{tool} {' '.join(args)}` in {cwd} exited with {result.returncode}: {last}"
+        )
+    return result
+
+
+def dvc(*args: str, cwd: str | Path, check: bool = True) -> str:
+    """``dvc <args>``'s stdout (:func:`command`)."""
+    return command("dvc", *args, cwd=cwd, check=check).stdout
+
+
+def dvc_json(*args: str, cwd: str | Path) -> Any:
+    """``dvc <args> --json``, parsed."""
+    return json.loads(dvc(*args, "--json", cwd=cwd) or "null")
+
+
+def git(*args: str, cwd: str | Path, check: bool = True) -> str:
+    """``git <args>``'s stdout (:func:`command`)."""
+    return command("git", *args, cwd=cwd, check=check).stdout
 
 
 class DvcStageError(RuntimeError):
@@ -262,10 +302,7 @@ def restore_workspace(
             else:
                 shutil.copy2(copy, target)
             logger.info("restored %s", relative)
-    result = subprocess.run(
-        [_executable("dvc"), "checkout"],
-        cwd=project_dir, env=subprocess_env(), capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    result = command("dvc", "checkout", cwd=project_dir, check=False)
     output = (result.stdout + result.stderr).strip()
     if result.returncode == 0:
         logger.info("restored the outputs dvc.lock records from the DVC cache\n%s", output)
@@ -290,15 +327,7 @@ def read_metrics(project_dir: str, logger: Logger) -> dict[str, dict[str, Any]]:
     Nested keys are flattened with dots (``per_class_iu.pole``). Files DVC
     declares but could not read (not produced yet) are logged and left out.
     """
-    result = subprocess.run(
-        [_executable("dvc"), "metrics", "show", "--json"],
-        cwd=project_dir, env=subprocess_env(), capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"dvc metrics show failed ({result.returncode}): {result.stderr.strip()}"
-        )
-    revisions = json.loads(result.stdout or "{}")
+    revisions = dvc_json("metrics", "show", cwd=project_dir) or {}
     workspace = revisions.get("workspace", revisions.get("", {}))
     files: dict[str, dict[str, Any]] = {}
     for path, entry in (workspace.get("data") or {}).items():  # dvc.yaml order
@@ -313,16 +342,8 @@ def read_metrics(project_dir: str, logger: Logger) -> dict[str, dict[str, Any]]:
 def read_metrics_diff(project_dir: str) -> dict[str, dict[str, Any]]:
     """``dvc metrics diff --json`` (the committed metrics against the workspace's), as
     ``{metrics file: {metric: {"old": ..., "new": ..., "diff": ...}}}``: changed ones only."""
-    result = subprocess.run(
-        [_executable("dvc"), "metrics", "diff", "--json"],
-        cwd=project_dir, env=subprocess_env(), capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"dvc metrics diff failed ({result.returncode}): {result.stderr.strip()}"
-        )
     changed: dict[str, dict[str, Any]] = {}
-    for path, metrics in (json.loads(result.stdout or "{}") or {}).items():
+    for path, metrics in (dvc_json("metrics", "diff", cwd=project_dir) or {}).items():
         if flat := _diff_leaves(metrics or {}):
             changed[path] = flat
     return changed
@@ -349,23 +370,17 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _git(project_dir: str, *args: str) -> str:
-    result = subprocess.run(
-        ["git", *args], cwd=project_dir, capture_output=True, text=True, check=True
-    )
-    return result.stdout.strip()
-
-
 def read_revision(project_dir: str, experiment: str | None) -> dict[str, str | None]:
     """The git commit the workspace is based on and, for an experiment, its name and ref sha."""
     revision: dict[str, str | None] = {
-        "commit": _git(project_dir, "rev-parse", "HEAD"),
+        "commit": git("rev-parse", "HEAD", cwd=project_dir).strip(),
         "experiment": experiment,
         "experiment_sha": None,
     }
     if experiment:
         # DVC keeps each experiment as refs/exps/<baseline sha>/<name>.
-        refs = _git(project_dir, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps")
+        refs = git("for-each-ref", "--format=%(objectname) %(refname)", "refs/exps",
+                   cwd=project_dir)  # fmt: skip
         for line in refs.splitlines():
             sha, ref = line.split(" ", 1)
             if ref.rsplit("/", 1)[-1] == experiment:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 
 from fcn_pipeline.errors import PipelineError
 from fcn_pipeline.study import STAGED, RunSpec, Study, run_record, training_curve, tsv_column
-from flows.dvc_driver import Logger, _executable, run_dvc, subprocess_env
+from flows.dvc_driver import Logger, command, dvc, dvc_json, git, run_dvc
 
 CURVE_METRICS = ("train_images", "images_per_second", "val_mean_iu")
 
@@ -41,14 +40,8 @@ CURVE_METRICS = ("train_images", "images_per_second", "val_mean_iu")
 def list_experiments(project_dir: str) -> dict[str, dict[str, Any]]:
     """``{name: {"rev": sha, "metrics": {file: {...}}}}`` of the experiments
     ``dvc exp show --json`` lists for the current commit."""
-    result = subprocess.run(
-        [_executable("dvc"), "exp", "show", "--json"],
-        cwd=project_dir, env=subprocess_env(), capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(f"dvc exp show failed ({result.returncode}): {result.stderr.strip()}")
     found: dict[str, dict[str, Any]] = {}
-    for baseline in json.loads(result.stdout or "[]"):
+    for baseline in dvc_json("exp", "show", cwd=project_dir) or []:
         for exp_range in baseline.get("experiments") or []:
             head = (exp_range.get("revs") or [{}])[0]  # the experiment's last commit
             name = exp_range.get("name") or head.get("name")
@@ -78,13 +71,8 @@ def check_index(project_dir: str) -> None:
     temporary files), so this names them and the way out. Raises
     :class:`fcn_pipeline.errors.PipelineError`.
     """
-    result = subprocess.run(
-        ["git", "diff", "--cached", "--name-only"],
-        cwd=project_dir, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise PipelineError(f"{project_dir}: not a git work tree ({result.stderr.strip()})")
-    staged = result.stdout.split()
+    git("rev-parse", "--is-inside-work-tree", cwd=project_dir)  # else: git's own words
+    staged = git("diff", "--cached", "--name-only", cwd=project_dir).split()
     if staged:
         raise PipelineError(
             f"{project_dir}: the git index has staged changes ({_named(staged)}), which "
@@ -117,20 +105,12 @@ def run_experiment(
     return result
 
 
-def _git(cwd: str | Path, *args: str) -> str:
-    """``git <args>`` in ``cwd``; its stdout. Raises :class:`PipelineError` with git's words."""
-    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise PipelineError(f"{cwd}: git {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout
-
-
 def check_committed(project_dir: str) -> None:
     """Lanes run clones of HEAD: refuse when tracked files differ from it, naming them
     (they would not be in the clones, so the experiments would not be what the
     workspace says)."""
-    changed = [line[3:] for line in _git(project_dir, "status", "--porcelain",
-                                          "--untracked-files=no").splitlines()]  # fmt: skip
+    status = git("status", "--porcelain", "--untracked-files=no", cwd=project_dir)
+    changed = [line[3:] for line in status.splitlines()]
     if changed:
         raise PipelineError(
             f"{project_dir}: jobs > 1 runs the experiments in clones of HEAD, but "
@@ -153,13 +133,7 @@ def lane_paths(project_dir: str, jobs: int) -> list[Path]:
 
 def dvc_cache_dir(project_dir: str) -> str:
     """The project's DVC cache directory, absolute."""
-    cache = subprocess.run(
-        [_executable("dvc"), "cache", "dir"], cwd=project_dir, env=subprocess_env(),
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if cache.returncode != 0:
-        raise PipelineError(f"{project_dir}: dvc cache dir failed: {cache.stderr.strip()}")
-    return str(Path(cache.stdout.strip()).resolve())
+    return str(Path(dvc("cache", "dir", cwd=project_dir).strip()).resolve())
 
 
 def make_lane(project_dir: str, lane: Path, cache: str) -> None:
@@ -167,20 +141,17 @@ def make_lane(project_dir: str, lane: Path, cache: str) -> None:
     the project's git identity and DVC local config, using the DVC cache ``cache``."""
     project = Path(project_dir).resolve()
     shutil.rmtree(lane, ignore_errors=True)  # one a killed study left behind
-    head = _git(project, "rev-parse", "HEAD").strip()
-    _git(project.parent, "clone", "--quiet", "--shared", "--no-checkout", str(project), str(lane))
-    _git(lane, "checkout", "--quiet", "--detach", head)
+    head = git("rev-parse", "HEAD", cwd=project).strip()
+    git("clone", "--quiet", "--shared", "--no-checkout", str(project), str(lane),
+        cwd=project.parent)  # fmt: skip
+    git("checkout", "--quiet", "--detach", head, cwd=lane)
     for key in ("user.name", "user.email"):
-        value = subprocess.run(["git", "config", key], cwd=project, capture_output=True, text=True)
-        if value.returncode == 0 and value.stdout.strip():
-            _git(lane, "config", key, value.stdout.strip())
+        if value := git("config", key, cwd=project, check=False).strip():
+            git("config", key, value, cwd=lane)
     local = project / ".dvc" / "config.local"
     if local.is_file():
         shutil.copy2(local, lane / ".dvc" / "config.local")
-    subprocess.run(
-        [_executable("dvc"), "cache", "dir", "--local", cache],
-        cwd=lane, env=subprocess_env(), capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    dvc("cache", "dir", "--local", cache, cwd=lane)
 
 
 def fetch_experiments(project_dir: str, lane: Path) -> list[str]:
@@ -188,11 +159,12 @@ def fetch_experiments(project_dir: str, lane: Path) -> list[str]:
     transient exec and stash refs) and their commits into the project; their names."""
     refs = [
         ref
-        for ref in _git(lane, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+        for ref in git("for-each-ref", "--format=%(refname)", "refs/exps", cwd=lane).split()
         if len(ref.split("/")) == 5
     ]
     if refs:
-        _git(project_dir, "fetch", "--quiet", "--no-tags", str(lane), *(f"+{r}:{r}" for r in refs))
+        git("fetch", "--quiet", "--no-tags", str(lane), *(f"+{r}:{r}" for r in refs),
+            cwd=project_dir)  # fmt: skip
     return [ref.rsplit("/", 1)[-1] for ref in refs]
 
 
@@ -222,9 +194,7 @@ def lanes(project_dir: str, jobs: int, logger: Logger) -> Iterator[list[str]]:
 
 
 def _git_show(project_dir: str, rev: str, path: str) -> str | None:
-    result = subprocess.run(
-        ["git", "show", f"{rev}:{path}"], cwd=project_dir, capture_output=True, text=True
-    )
+    result = command("git", "show", f"{rev}:{path}", cwd=project_dir, check=False)
     return result.stdout if result.returncode == 0 else None
 
 
