@@ -45,20 +45,12 @@ from fcn_pipeline.config import (
     parse_overrides,
     parse_params,
 )
+from fcn_pipeline.convergence import FLAT_RULE, converged, flat_gain
 from fcn_pipeline.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # usable in a git ref (experiment name)
 STAGED = ("fcn32s", "fcn16s", "fcn8s")  # the order training runs (curves are joined)
 ALPHA = 0.05  # two-sided significance level of the comparisons
-# A run has converged (its curve is flat) when the mean validation mean IU over the last
-# FLAT_SHARE of its epochs beats the mean over the FLAT_SHARE before by less than FLAT_GAIN.
-FLAT_SHARE = 0.2
-FLAT_GAIN = 0.01
-FLAT_RULE = (
-    f"a run has converged when its mean validation mean IU over the last fifth of its "
-    f"epochs (all staged nets' epochs in order) exceeds the mean over the fifth before by "
-    f"less than {FLAT_GAIN}"
-)
 TEST_NAME = "Welch's two-sample t-test (unequal variances), two-sided"
 
 
@@ -264,21 +256,6 @@ def training_curve(stages: list[dict[str, list[float]]]) -> dict[str, list[float
 TARGET_UNITS = ("epochs", "images", "minutes")  # of ``to_target``
 # The large-object scores compared, by their name in the report: key in ``large_object``.
 LARGE_OBJECT_METRICS = {"large_object_mean_iu": "mean_iu", "dominant_class_iu": "dominant_class_iu"}
-
-
-def flat_gain(values: list[float]) -> float | None:
-    """Mean of the last fifth of ``values`` minus the mean of the fifth before it (at
-    least one value each); None for fewer than two values."""
-    part = max(1, int(len(values) * FLAT_SHARE))
-    if len(values) < 2 * part or len(values) < 2:
-        return None
-    return float(np.mean(values[-part:]) - np.mean(values[-2 * part : -part]))
-
-
-def converged(values: list[float]) -> bool:
-    """Whether a validation curve is flat by :data:`FLAT_RULE`."""
-    gain = flat_gain(values)
-    return gain is not None and gain < FLAT_GAIN
 
 
 def to_target(curve: dict[str, list[float]], target: float) -> dict[str, float | None]:

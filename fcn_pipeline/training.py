@@ -74,6 +74,7 @@ from fcn_pipeline.checkpoints import (
 )
 from fcn_pipeline.class_weights import load_class_weights
 from fcn_pipeline.config import TrainParams, check_staged_variant
+from fcn_pipeline.convergence import plateau_phases
 from fcn_pipeline.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -380,31 +381,6 @@ def evaluate(
 
 
 # --- when to stop, what to keep ---------------------------------------------------
-
-
-def plateau_reached(curve: list[float], patience: int, min_gain: float) -> bool:
-    """Whether the last ``patience`` values of ``curve`` all stayed below the best value
-    before them plus ``min_gain`` (``patience`` 0: never)."""
-    if patience <= 0 or len(curve) <= patience:
-        return False
-    return max(curve[-patience:]) < max(curve[:-patience]) + min_gain
-
-
-def plateau_phases(curve: list[float], params: TrainParams) -> tuple[int, bool]:
-    """Replay the plateau rule over a validation curve: the lr drops so far and whether
-    the stage stops. Without the ``plateau`` schedule the first plateau stops it; with it,
-    each of the first ``plateau_drops`` plateaus is a drop, and a plateau needs
-    ``plateau_patience`` epochs since the last drop (at the new lr) to count."""
-    patience, gain = params.plateau_patience, params.plateau_min_gain
-    allowed = params.plateau_drops if params.schedule == "plateau" else 0
-    drops, since = 0, 0
-    for end in range(1, len(curve) + 1):
-        if end - since < patience or not plateau_reached(curve[:end], patience, gain):
-            continue
-        if drops == allowed:
-            return drops, True
-        drops, since = drops + 1, end
-    return drops, False
 
 
 def best_epoch(history: list[dict[str, float]]) -> int:
@@ -741,8 +717,6 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "evaluate",
-    "plateau_phases",
-    "plateau_reached",
     "poly_factor",
     "run_fingerprint",
     "train_one_epoch",

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
+from fcn_pipeline.convergence import converged, flat_gain
 from fcn_pipeline.errors import ConfigError
 from fcn_pipeline.evaluation import large_object_scores
 from fcn_pipeline.study import (
     aggregate,
     compare,
-    converged,
-    flat_gain,
     holm,
     load_study,
     mean_std,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fcn_pipeline.convergence as convergence
 import fcn_pipeline.training as training
 from fcn_pipeline.checkpoints import (
     CHECKPOINT_FILE,
@@ -447,7 +448,7 @@ def test_best_epoch_is_the_model_and_the_next_variant_starts_from_it(tiny_data, 
     ],
 )
 def test_plateau_rule(curve, patience, gain, expected):
-    assert training.plateau_reached(curve, patience, gain) is expected
+    assert convergence.plateau_reached(curve, patience, gain) is expected
 
 
 @pytest.mark.parametrize(
@@ -467,7 +468,22 @@ def test_plateau_phases(curve, patience, drops, expected):
         schedule="plateau" if drops else "poly", plateau_patience=patience,
         plateau_min_gain=0.01, plateau_drops=drops,
     )  # fmt: skip
-    assert training.plateau_phases(curve, params) == expected
+    assert convergence.plateau_phases(curve, params) == expected
+
+
+def test_the_plateau_schedule_ends_only_once_the_curve_is_flat():
+    """After the last drop a plateau ends the stage only when the fifths rule (the
+    studies' convergence test) also holds: a curve that rose until just before the
+    plateau trains on."""
+    params = TrainParams(schedule="plateau", plateau_patience=2, plateau_min_gain=0.01,
+                         plateau_drops=0)  # fmt: skip
+    rising = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.75, 0.75]
+    assert convergence.plateau_reached(rising, 2, 0.01)
+    assert not convergence.converged(rising)  # last fifth 0.75, the one before 0.725
+    assert convergence.plateau_phases(rising, params) == (0, False)
+    assert convergence.plateau_phases([*rising, 0.75, 0.75], params) == (0, True)
+    poly = TrainParams(plateau_patience=2, plateau_min_gain=0.01)  # the plain stop
+    assert convergence.plateau_phases(rising, poly) == (0, True)
 
 
 def test_the_plateau_schedule_needs_a_patience():
