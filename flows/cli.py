@@ -365,9 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as error:
         return _fail(args, str(error))
     except Exception as error:  # not foreseen: still one line, the traceback on request
-        first_line = (str(error).strip().splitlines() or [""])[0]
+        from flows.stages import error_message
+
         hint = "" if args.debug else " (--debug or FCN_DEBUG=1 shows the traceback)"
-        return _fail(args, f"{type(error).__name__}: {first_line}{hint}")
+        return _fail(args, error_message(error) + hint)
     return 0
 
 

@@ -394,7 +394,7 @@ def metrics_markdown(
     dvc_run: dict[str, Any],
     diff: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """The ``fcn-metrics`` artifact: the revision, what DVC ran, the metrics and what
+    """The ``pipeline-summary`` artifact: the revision, what DVC ran, the metrics and what
     changed against the commit.
 
     ``files`` is :func:`read_metrics`' result. Files with the paper's scores

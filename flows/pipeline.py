@@ -13,7 +13,7 @@ The flow streams DVC's output into the run log, fails with a message naming
 the failing stage and its error lines (which name the offending files), puts
 the last good outputs back when a stage fails (DVC deletes them before running
 it), and on success publishes the metrics DVC reports as a markdown artifact
-(key ``fcn-metrics``) with the revision they belong to. The DVC driving itself
+(key ``pipeline-summary``) with the revision they belong to. The DVC driving itself
 lives in :mod:`flows.dvc_driver`; this module only makes tasks of it.
 
 Nothing heavy is imported at module level (no torch, no DVC), so
@@ -37,7 +37,7 @@ from flows.common import TASK_DEFAULTS
 from flows.dvc_driver import DvcStageError, dvc_command, metrics_markdown
 from flows.stage_runs import parent_env
 
-ARTIFACT_KEY = "fcn-metrics"
+ARTIFACT_KEY = "pipeline-summary"
 RETRIED = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=1)}
 
 
@@ -86,7 +86,7 @@ def read_revision(project_dir: str, experiment: str | None) -> dict[str, str | N
 
 @task(name="publish-metrics-artifact", **RETRIED, **TASK_DEFAULTS)
 def publish_metrics(markdown: str, summary: str) -> str:
-    """Create the ``fcn-metrics`` markdown artifact; returns its id."""
+    """Create the ``pipeline-summary`` markdown artifact; returns its id."""
     return str(create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY, description=summary))
 
 

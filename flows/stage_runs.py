@@ -36,7 +36,7 @@ from prefect.context import FlowRunContext
 from prefect.flow_engine import run_flow
 from prefect.states import Pending
 
-from flows.stages import PARENT_ENV, Report, label, run_stage
+from flows.stages import PARENT_ENV, Report, error_message, label, run_stage
 
 
 def parent_env() -> dict[str, str]:
@@ -89,7 +89,11 @@ def run_as_flow(
     def body(
         stage: str, variant: str | None, params_file: str, overrides: dict[str, Any]
     ) -> dict[str, Any]:
-        return run_stage(stage, variant, params, RunReport(name))
+        try:
+            return run_stage(stage, variant, params, RunReport(name))
+        except Exception as error:  # the run's log gets the line the terminal gets
+            get_run_logger().error("fcn-pipeline %s: error: %s", stage, error_message(error))
+            raise
 
     flow = Flow(body, name=stage, flow_run_name=name, log_prints=True, validate_parameters=False)
     parameters = {"stage": stage, "variant": variant, **shown}

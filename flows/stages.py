@@ -55,6 +55,17 @@ class Report:
         """A file or directory the stage wrote."""
 
 
+def error_message(error: BaseException) -> str:
+    """What a stage's one ``error:`` line says: a foreseen error's own message (which
+    names the file or key), else the exception's type and its message's first line."""
+    from fcn_pipeline.errors import PipelineError
+
+    if isinstance(error, PipelineError):
+        return str(error)
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line}"
+
+
 def stage_params(
     params_file: str, overrides: dict[str, Any] | None, sections: tuple[str, ...]
 ) -> SimpleNamespace:

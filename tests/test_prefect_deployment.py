@@ -279,13 +279,13 @@ def test_deployment_run_is_versioned_by_dvc(stack, first_run):
         for key in METRIC_KEYS:
             assert 0.0 <= values[key] <= 1.0, (variant, key, values)
 
-    # The run published the fcn-metrics artifact with the revision it belongs to.
+    # The run published the pipeline-summary artifact with the revision it belongs to.
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
     with stack.client() as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["fcn-metrics"])),
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-summary"])),
             sort=ArtifactSort.CREATED_DESC,
         )
     mine = [a for a in artifacts if str(a.flow_run_id) == first_run.flow_run_id]
@@ -309,11 +309,13 @@ def test_deployment_run_is_versioned_by_dvc(stack, first_run):
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[first_run.flow_run_id])
             )
         )
-        keys = {artifact.key for artifact in client.read_artifacts()}
+        kinds = {artifact.key: artifact.type for artifact in client.read_artifacts()}
     assert sorted(run.name for run in children) == sorted(stages)
     assert all(run.state.is_completed() for run in children)
+    assert kinds["pipeline-summary"] == "markdown"
     for variant in scores:
-        assert {f"{variant}-metrics", f"{variant}-per-class-iu", f"train-{variant}"} <= keys
+        assert kinds[f"{variant}-metrics"] == kinds[f"{variant}-per-class-iu"] == "table"
+        assert kinds[f"train-{variant}"] == "progress"
 
 
 @pytest.mark.slow
@@ -361,6 +363,20 @@ def test_failing_stage_fails_the_run_and_keeps_last_good_outputs(stack, first_ru
     assert stack.flow_run(run.flow_run_id).state.is_failed()
     errors = [log.message for log in stack.logs(run.flow_run_id) if log.level >= 40]
     assert any("'ingest'" in m and "img2.png" in m for m in errors), errors
+    # Exactly the failing stage's child run failed, its log with the stage's one line.
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with stack.client() as client:
+        [child] = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.flow_run_id])
+            )
+        )
+    assert child.name == "ingest" and child.state.is_failed()
+    lines = [log.message for log in stack.logs(str(child.id)) if log.level >= 40]
+    stage_line = [m for m in lines if m.startswith("fcn-pipeline ingest: error: ")]
+    assert len(stage_line) == 1 and "img2.png" in stage_line[0], lines
+    assert any(stage_line[0] in m for m in errors)  # the same line in the pipeline's log
     assert after == before  # the last good outputs and dvc.lock, byte for byte
     assert stack.dvc("status").stdout.strip() == "Data and pipelines are up to date."
 
@@ -418,5 +434,5 @@ def test_the_ui_shows_the_stages_inside_the_pipeline_run(stack, first_run, tmp_p
         assert listed.count("Completed") >= len(stages) + 1  # the stages and the run
         page.screenshot(shot)
         page.click("#artifacts")
-        page.wait_for(lambda text: "fcn-metrics" in text, what="the fcn-metrics artifact")
+        page.wait_for(lambda text: "pipeline-summary" in text, what="the pipeline-summary artifact")
     assert shot.read_bytes()[:4] == b"\x89PNG"
