@@ -34,8 +34,9 @@ from prefect.tasks import exponential_backoff
 
 from flows import dvc_driver
 from flows.common import TASK_DEFAULTS
-from flows.dvc_driver import DvcStageError, dvc_command, metrics_markdown
+from flows.dvc_driver import DvcStageError, dvc_command
 from flows.stage_runs import parent_env
+from flows.summary import metrics_markdown
 
 ARTIFACT_KEY = "pipeline-summary"
 RETRIED = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=1)}

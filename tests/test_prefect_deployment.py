@@ -20,7 +20,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from flows.dvc_driver import _stage_error_lines, dvc_command, metrics_markdown
+from flows.dvc_driver import _stage_error_lines, dvc_command
+from flows.summary import metrics_markdown
 from tests.conftest import copy_project, free_port
 
 # A tiny run (as in test_pipeline_dvc.py). Only keys params.yaml has are set:
