@@ -58,3 +58,21 @@ def test_the_anchor_rule_on_known_headings():
     )
     assert anchor("Data stages on Dask") == "data-stages-on-dask"
     assert anchor("train (`train@fcn32s` -> `train@fcn16s`)") == "train-trainfcn32s---trainfcn16s"
+
+
+def test_the_default_run_table_is_the_committed_metrics():
+    """The README's and docs/results.md's table of the default run is read back from the
+    committed metrics/<variant>.json (3 decimals), not trusted as typed."""
+    import json
+
+    columns = ["pixel_acc", "mean_acc", "mean_iu", "fw_iu"]
+    for page in (REPO / "README.md", REPO / "docs" / "results.md"):
+        rows = {
+            m.group(1): [float(c.strip(" *")) for c in m.group(2).split("|")]
+            for m in re.finditer(r"^\| FCN-(\d+)s +\|([^\n]+)\|$", page.read_text(), re.M)
+        }
+        assert set(rows) == {"32", "16", "8"}, page.name
+        for stride, cells in rows.items():
+            metrics = json.loads((REPO / "metrics" / f"fcn{stride}s.json").read_text())
+            expected = [metrics[c] for c in columns] + list(metrics["per_class_iu"].values())
+            assert cells == [round(v, 3) for v in expected], (page.name, stride)
