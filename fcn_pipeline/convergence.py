@@ -15,12 +15,14 @@ from fcn_pipeline.config import TrainParams
 
 # A run has converged (its curve is flat) when the mean validation mean IU over the last
 # FLAT_SHARE of its epochs beats the mean over the FLAT_SHARE before by less than FLAT_GAIN.
+# A staged run is judged on its scored net's own training (FCN-8s's epochs): the nets
+# before it are its initialisation, and their epochs would only stretch the windows.
 FLAT_SHARE = 0.2
 FLAT_GAIN = 0.01
 FLAT_RULE = (
-    f"a run has converged when its mean validation mean IU over the last fifth of its "
-    f"epochs (all staged nets' epochs in order) exceeds the mean over the fifth before by "
-    f"less than {FLAT_GAIN}"
+    f"a run has converged when the validation mean IU of its scored net, averaged over "
+    f"the last fifth of that net's training epochs, exceeds the average over the fifth "
+    f"before by less than {FLAT_GAIN}"
 )
 
 

@@ -336,3 +336,22 @@ def test_report_counts_converged_runs_and_marks_comparisons_with_unconverged_one
     text = report.read_text()
     assert "| 10.0 ± 0.0 | 3/3 |" in text and "| 10.0 ± 0.0 | 0/3 |" in text
     assert "(*unconverged*: 3 runs)" in text and "last fifth" in text
+
+
+def test_a_staged_run_is_judged_on_its_scored_nets_own_epochs():
+    """FCN-32s and FCN-16s only initialise FCN-8s: a run whose FCN-8s curve is flat has
+    converged, though windows over all its epochs would reach back into a rising part."""
+    from fcn_pipeline.study.records import scored_curve
+
+    def stage(values):
+        return {"train_images": [8.0] * len(values), "images_per_second": [1.0] * len(values),
+                "val_mean_iu": values}  # fmt: skip
+
+    fcn8s = [0.5, 0.6, 0.7, 0.79, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]
+    curve = training_curve([stage([0.1] * 10), stage([0.3] * 10), stage(fcn8s)])
+    assert curve["stage_epochs"] == [10, 10, 10]
+    assert scored_curve(curve) == fcn8s
+    assert converged(scored_curve(curve)) and flat_gain(scored_curve(curve)) == 0.0
+    # All 30 epochs: windows of 6 reach back before FCN-8s's plateau (0.8 against 0.665).
+    assert not converged(curve["val_mean_iu"])
+    assert scored_curve({"val_mean_iu": [0.1, 0.2]}) == [0.1, 0.2]  # no stage_epochs

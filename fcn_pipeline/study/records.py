@@ -28,9 +28,10 @@ def training_curve(stages: list[dict[str, list[float]]]) -> dict[str, list[float
     "Images" are training samples: patches in patch mode, so only epochs (passes over
     the train split) compare a whole-image run with a patch run.
     """
-    images, minutes, val = [], [], []
+    images, minutes, val, stage_epochs = [], [], [], []
     seen = spent = 0.0
     for stage in stages:
+        stage_epochs.append(len(stage["val_mean_iu"]))
         for count, speed, score in zip(
             stage["train_images"], stage["images_per_second"], stage["val_mean_iu"], strict=False
         ):
@@ -40,7 +41,17 @@ def training_curve(stages: list[dict[str, list[float]]]) -> dict[str, list[float
             minutes.append(spent)
             val.append(score)
     epochs = [float(n) for n in range(1, len(val) + 1)]
-    return {"epochs": epochs, "images_seen": images, "minutes": minutes, "val_mean_iu": val}
+    return {
+        "epochs": epochs, "images_seen": images, "minutes": minutes, "val_mean_iu": val,
+        "stage_epochs": stage_epochs,
+    }  # fmt: skip
+
+
+def scored_curve(curve: dict[str, list]) -> list[float]:
+    """The validation curve of the scored net's own training: the last stage's epochs
+    (the whole curve for one recorded without ``stage_epochs``)."""
+    last = (curve.get("stage_epochs") or [len(curve["val_mean_iu"])])[-1]
+    return curve["val_mean_iu"][len(curve["val_mean_iu"]) - last :]
 
 
 TARGET_UNITS = ("epochs", "images", "minutes")  # of ``to_target``
@@ -96,8 +107,9 @@ def run_record(
         },
         "train_minutes": curve["minutes"][-1] if curve["minutes"] else 0.0,
         "epochs_run": len(curve["val_mean_iu"]),
-        "converged": converged(curve["val_mean_iu"]),
-        "flat_gain": flat_gain(curve["val_mean_iu"]),
+        "converged": converged(scored_curve(curve)),
+        "flat_gain": flat_gain(scored_curve(curve)),
+        "flat_gain_all_epochs": flat_gain(curve["val_mean_iu"]),
         **extra,
         "curve": curve,
     }
