@@ -1,5 +1,8 @@
 """What a failing stage shows on the terminal: its one ``error:`` line, no Prefect tracebacks.
 
+A stage that runs as a Prefect child run also logs that line to its run (so the server
+has it); the terminal gets it once, from the CLI.
+
 When a task or flow run fails, Prefect's engine logs the exception with its
 traceback (``Task run failed with exception ...``, ``Encountered exception during
 execution ...``) and then ``Finished in state Failed(...)``, on the loggers
@@ -25,6 +28,8 @@ class PrefectFailureFilter(logging.Filter):
             return True
         if record.exc_info and record.levelno >= logging.ERROR:
             return False  # the engine's "failed with exception" report and its traceback
+        if str(record.msg).startswith("fcn-pipeline ") and ": error: " in record.getMessage():
+            return False  # the stage's error line, for the run's log: the CLI prints it
         return not str(record.msg).startswith("Finished in state Failed")
 
 
