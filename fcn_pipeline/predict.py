@@ -196,21 +196,61 @@ def edge_weights(start: int, length: int, size: int, overlap: int) -> torch.Tens
     return weight
 
 
+# The pooling grid of the VGG16 backbone (five 2x2 poolings): a window cut at a multiple
+# of it computes what the whole image computes wherever its borders are out of reach.
+GRID = 32
+# How far an FCN's scores look: fc6 (7x7 on pool5) sees 404 pixels, 202 to each side;
+# rounded up to the grid, the context a window needs around the pixels it keeps.
+CONTEXT = 224
+
+
+def context_window(start: int, end: int, size: int, context: int) -> tuple[int, int]:
+    """The input span ``[lo, hi)`` predicted for the output span ``[start, end)``: widened
+    by ``context`` on each side, clipped to the image, ``lo`` on the pooling grid."""
+    return max(0, (start - context) // GRID * GRID), min(size, end + context)
+
+
+def _window_scores(
+    scorer: Callable, image: torch.Tensor, boxes: list[tuple[int, int, int, int]],
+    context: int, flip: bool, batch_size: int,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Scores of each output box ``(top, bottom, left, right)``: without context the
+    boxes themselves, batched; with it, each from its context window, cut back."""
+    if context == 0:
+        windows = [image[:, t:b, left:r] for t, b, left, r in boxes]
+        return list(torch.cat(
+            [scores_of(scorer, torch.stack(windows[j : j + batch_size]), flip)
+             for j in range(0, len(windows), batch_size)]
+        ))  # fmt: skip
+    _, height, width = image.shape
+    kept = []
+    for top, bottom, left, right in boxes:
+        y0, y1 = context_window(top, bottom, height, context)
+        x0, x1 = context_window(left, right, width, context)
+        scores = scores_of(scorer, image[None, :, y0:y1, x0:x1].contiguous(), flip)[0]
+        kept.append(scores[:, top - y0 : bottom - y0, left - x0 : right - x0])
+    return kept
+
+
 def predict_tiled(
     scorer: Callable,
     image: torch.Tensor,
     *,
     tile: int,
     overlap: int,
+    context: int = CONTEXT,
     flip: bool = False,
     batch_size: int = 8,
 ) -> np.ndarray:
     """``(H, W)`` uint8 labels of a normalised ``(3, H, W)`` image from windows of
     ``tile`` pixels overlapping by ``overlap``: each pixel's scores are averaged over the
-    windows that cover it, weighted by :func:`edge_weights` (a window's border pixels see
-    the least context; the argmax of the weighted sum is that of the weighted mean).
-    Scores are kept only for the current row of windows: memory does not grow with the
-    image."""
+    windows that cover it, weighted by :func:`edge_weights`. With ``context`` (default:
+    the net's reach) each window is predicted from a larger one that adds that many
+    pixels around it, cut on the pooling grid, and only its own pixels are kept
+    (overlap-tile): the scores are then the whole image's, up to float rounding, and
+    memory is bounded by one context window. With ``context`` 0 a window sees only
+    itself, and its border pixels see the least context. Scores are kept only for the
+    current row of windows: memory does not grow with the image."""
     _, height, width = image.shape
     stride = tile - overlap
     rows, cols = tile_starts(height, tile, stride), tile_starts(width, tile, stride)
@@ -219,13 +259,10 @@ def predict_tiled(
     top = 0
     for i, y in enumerate(rows):
         bottom = min(y + tile, height)
-        windows = [image[:, y:bottom, x : min(x + tile, width)] for x in cols]
-        scores = torch.cat(
-            [scores_of(scorer, torch.stack(windows[j : j + batch_size]), flip)
-             for j in range(0, len(windows), batch_size)]
-        )  # fmt: skip
+        boxes = [(y, bottom, x, min(x + tile, width)) for x in cols]
+        scores = _window_scores(scorer, image, boxes, context, flip, batch_size)
         if band is None:
-            band = torch.zeros((scores.shape[1], 0, width), dtype=torch.float32)
+            band = torch.zeros((scores[0].shape[0], 0, width), dtype=torch.float32)
         if top + band.shape[1] < bottom:  # grow the band down to this row's bottom
             grow = bottom - top - band.shape[1]
             band = torch.cat([band, band.new_zeros((band.shape[0], grow, width))], dim=1)
@@ -328,6 +365,7 @@ def predict(
     *,
     tile: int | None = None,
     overlap: int = 0,
+    context: int = CONTEXT,
     flip: bool = False,
     overlay: bool = False,
     batch_size: int = 8,
@@ -346,6 +384,8 @@ def predict(
 
     if tile is not None and not 0 <= overlap < tile:
         raise PipelineError(f"--overlap {overlap}: must be at least 0 and less than --tile {tile}")
+    if context < 0:
+        raise PipelineError(f"--context {context}: must be at least 0")
     info, scorer = load_scorer(model_path, device)
     items = collect_inputs(inputs)
     out = Path(out)
@@ -363,8 +403,8 @@ def predict(
             continue
         batch = torch.stack([normalize(pixels, info) for _, pixels in group])
         if tile:
-            labels = [predict_tiled(scorer, batch[0], tile=tile, overlap=overlap, flip=flip,
-                                    batch_size=batch_size)]  # fmt: skip
+            labels = [predict_tiled(scorer, batch[0], tile=tile, overlap=overlap,
+                                    context=context, flip=flip, batch_size=batch_size)]  # fmt: skip
         else:
             labels = list(predict_whole(scorer, batch, flip))
         for (item, pixels), mask in zip(group, labels, strict=True):

@@ -138,6 +138,7 @@ def _predict(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
         raise ConfigError("predict: give INPUT files, directories or globs and --out DIR")
     result = predict(
         args.model, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
+        **({} if args.context is None else {"context": args.context}),
         flip=args.flip, overlay=args.overlay, batch_size=args.batch_size, device=args.device,
         keep_going=args.keep_going, log=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
@@ -166,6 +167,9 @@ def _add_predict(stages: Any) -> None:
     option("--overlay", action="store_true", help="also <name>.overlay.jpg with a legend")
     option("--tile", type=int, metavar="PX", help="sliding window side for large images")
     option("--overlap", type=int, default=0, metavar="PX", help="window overlap (with --tile)")
+    option("--context", type=int, metavar="PX",
+           help="pixels each window also sees around itself (default: the net's reach, "
+           "so tiles give the whole image's masks; 0: the window alone)")  # fmt: skip
     option("--flip", action="store_true", help="average with the mirrored image's scores")
     option("--batch-size", type=int, default=8, metavar="N", help="same-size images per pass")
     option("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -16,6 +16,7 @@ def predict_flow(
     out: str,
     tile: int | None = None,
     overlap: int = 0,
+    context: int | None = None,
     flip: bool = False,
     overlay: bool = False,
     batch_size: int = 8,
@@ -32,6 +33,7 @@ def predict_flow(
     logger = get_run_logger()
     result = predict(
         model, inputs, out, tile=tile, overlap=overlap, flip=flip, overlay=overlay,
+        **({} if context is None else {"context": context}),
         batch_size=batch_size, device=device, keep_going=keep_going, progress=False,
         log=logger.info,
     )  # fmt: skip

@@ -127,6 +127,21 @@ def test_tiles_covering_the_image_once_give_the_whole_image_scores(tmp_path):
     assert flipped.shape == whole.shape
 
 
+@pytest.mark.parametrize("geometry", ["same", "paper"])
+def test_tiles_with_the_nets_context_give_the_whole_image_masks(tmp_path, geometry):
+    """Overlap-tile: each 96-pixel window predicted from a window 224 pixels wider on
+    every side, cut on the pooling grid, keeps exactly the whole image's classes on an
+    image much larger than one context window; without the context a random net's
+    windows disagree on most pixels (so the equality is not a given)."""
+    random_model(tmp_path / "model.pt", "fcn8s", geometry)
+    info, scorer = load_scorer(tmp_path / "model.pt", "cpu")
+    image = normalize(np.random.default_rng(0).integers(0, 256, (600, 700, 3), np.uint8), info)
+    whole = predict_whole(scorer, image[None])[0]
+    assert np.array_equal(predict_tiled(scorer, image, tile=96, overlap=32), whole)
+    alone = predict_tiled(scorer, image, tile=96, overlap=32, context=0)
+    assert (alone == whole).mean() < 0.9
+
+
 def test_bad_inputs_give_one_error_naming_the_file_and_leave_no_partial_output(tmp_path):
     random_model(tmp_path / "model.pt")
     good = write_images(tmp_path / "in", [(16, 16)])[0]
@@ -309,26 +324,28 @@ def test_predict_on_camvid_test_images_scores_what_evaluate_scores(
 
 @pytest.mark.slow
 def test_tiled_camvid_masks_agree_with_whole_image_masks(camvid_model, camvid_root, tmp_path):
-    """--tile 192 --overlap 64 on a few 360x480 test images against whole-image masks.
-    This one-epoch, width-1/32 net depends on context far beyond a 192-pixel window
-    (its agreement measured 87 %; the README gives a trained net's figures), so the test
-    holds what tiling must keep whatever the net: most pixels agree, scores close, and a
-    window as large as the image is the whole-image prediction exactly."""
+    """--tile 192 --overlap 64 on a few 360x480 test images against whole-image masks:
+    with the net's context (the default) the same masks and mean IU; without it
+    (--context 0) this one-epoch, width-1/32 net, which looks far beyond a 192-pixel
+    window, still agrees on most pixels (87 % measured); a window as large as the image
+    is the whole-image prediction exactly."""
     names = sorted(p.name for p in (camvid_root / "test").iterdir())[::40]
     inputs = [str(camvid_root / "test" / name) for name in names]
     model = camvid_model / "fcn8s" / "model.pt"
     predict(model, inputs, tmp_path / "whole", device="cpu", log=lambda _: None)
-    for tile, overlap in ((192, 64), (480, 0)):
-        predict(model, inputs, tmp_path / f"t{tile}", tile=tile, overlap=overlap, device="cpu",
-                log=lambda _: None)  # fmt: skip
+    for name, tile, overlap, context in (("t192", 192, 64, 224), ("alone", 192, 64, 0),
+                                         ("t480", 480, 0, 0)):  # fmt: skip
+        predict(model, inputs, tmp_path / name, tile=tile, overlap=overlap, context=context,
+                device="cpu", log=lambda _: None)  # fmt: skip
     same = total = 0
     for name in names:
         whole = decode_mask((tmp_path / "whole" / name).read_bytes())
         assert np.array_equal(decode_mask((tmp_path / "t480" / name).read_bytes()), whole)
-        tiled = decode_mask((tmp_path / "t192" / name).read_bytes())
-        same += int((whole == tiled).sum())
+        assert np.array_equal(decode_mask((tmp_path / "t192" / name).read_bytes()), whole)
+        alone = decode_mask((tmp_path / "alone" / name).read_bytes())
+        same += int((whole == alone).sum())
         total += whole.size
     assert same / total >= 0.85
     whole_iu = scores_of_masks(tmp_path / "whole", camvid_root, names)["mean_iu"]
-    tiled_iu = scores_of_masks(tmp_path / "t192", camvid_root, names)["mean_iu"]
-    assert abs(whole_iu - tiled_iu) <= 0.03
+    alone_iu = scores_of_masks(tmp_path / "alone", camvid_root, names)["mean_iu"]
+    assert abs(whole_iu - alone_iu) <= 0.03
