@@ -196,12 +196,10 @@ def edge_weights(start: int, length: int, size: int, overlap: int) -> torch.Tens
     return weight
 
 
-# The pooling grid of the VGG16 backbone (five 2x2 poolings): a window cut at a multiple
-# of it computes what the whole image computes wherever its borders are out of reach.
-GRID = 32
-# How far an FCN's scores look: fc6 (7x7 on pool5) sees 404 pixels, 202 to each side;
-# rounded up to the grid, the context a window needs around the pixels it keeps.
-CONTEXT = 224
+# VGG16's pooling grid (five 2x2 poolings): a window cut on it computes what the whole
+# image computes out of its borders' reach. fc6 (7x7 on pool5) sees 404 pixels, 202 to
+# each side: rounded up to the grid, the context a window needs around its pixels.
+GRID, CONTEXT = 32, 224
 
 
 def context_window(start: int, end: int, size: int, context: int) -> tuple[int, int]:
