@@ -90,6 +90,7 @@ def run_study(
     params_bytes = params_path.read_bytes()
     if jobs < 1:
         raise PipelineError(f"jobs: {jobs}: run at least one experiment at a time")
+    study_driver.collect_left_over(project_dir, logger)  # a killed study's finished runs
     done = set(study_driver.list_experiments(project_dir))
     skipped = [run.name for run in study.runs if run.name in done]
     for name in skipped:

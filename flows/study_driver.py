@@ -168,28 +168,37 @@ def fetch_experiments(project_dir: str, lane: Path) -> list[str]:
     return [ref.rsplit("/", 1)[-1] for ref in refs]
 
 
+def _collect(project_dir: str, path: Path, which: str, logger: Logger) -> None:
+    if (path / ".git").exists():
+        fetched = fetch_experiments(project_dir, path)
+        logger.info("%s %s: fetched %s", which, path, ", ".join(fetched) or "nothing")
+
+
+def collect_left_over(project_dir: str, logger: Logger) -> None:
+    """Fetch the finished experiments of every lane a killed study left beside the
+    project, so that the study, listing what is done, skips them."""
+    project = Path(project_dir).resolve()
+    for path in sorted(project.parent.glob(f".{project.name}.study-lane-*")):
+        _collect(project_dir, path, "lane left over", logger)
+
+
 @contextmanager
 def lanes(project_dir: str, jobs: int, logger: Logger) -> Iterator[list[str]]:
-    """``jobs`` lanes for the block; on the way out (also after a failure) every lane's
-    experiments are fetched into the project and the lane is removed. A lane a killed
-    study left behind gives up its finished experiments before it is made afresh."""
+    """``jobs`` lanes for the block, each a clone of HEAD made afresh (a lane a killed
+    study left gives up its experiments first: :func:`collect_left_over`); on the way
+    out (also after a failure) every lane's experiments are fetched into the project and
+    the lane is removed."""
     paths = lane_paths(project_dir, jobs)
-
-    def collect(path: Path, which: str) -> None:
-        if (path / ".git").exists():
-            fetched = fetch_experiments(project_dir, path)
-            logger.info("%s %s: fetched %s", which, path, ", ".join(fetched) or "nothing")
-
     try:
         cache = dvc_cache_dir(project_dir)
+        collect_left_over(project_dir, logger)
         for path in paths:
-            collect(path, "lane left over")  # a killed study's lane: keep what it finished
             make_lane(project_dir, path, cache)
             logger.info("lane %s: a clone of HEAD sharing the DVC cache %s", path, cache)
         yield [str(path) for path in paths]
     finally:
         for path in paths:
-            collect(path, "lane")
+            _collect(project_dir, path, "lane", logger)
             shutil.rmtree(path, ignore_errors=True)
 
 

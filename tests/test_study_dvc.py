@@ -239,3 +239,38 @@ def test_a_lane_left_by_a_killed_study_gives_up_its_experiments_first(project_co
         assert git(left, "rev-parse", "HEAD") == head
     assert git(project_copy, "show", f"{ref}:metrics/fcn8s.json") == '{"mean_iu": 0.5}'
     assert lanes_beside(project_copy) == []
+
+
+def test_a_study_fetches_a_killed_studys_lanes_before_it_lists_what_is_done(
+    project_copy, monkeypatch
+):
+    """A killed `--jobs 2` study's finished experiments are skipped by the next run, not
+    trained again: the left-over lanes are fetched before `dvc exp show` is read."""
+    import logging
+
+    from flows import study, study_driver
+
+    def git(cwd, *args):
+        return subprocess.run(
+            ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    write_study(project_copy, "tiny", TINY_STUDY)
+    [_, left] = study_driver.lane_paths(str(project_copy), 2)
+    git(project_copy.parent, "clone", "-q", str(project_copy), str(left))
+    head = git(project_copy, "rev-parse", "HEAD")
+    ref = f"refs/exps/{head[:2]}/{head[2:]}/tiny-frozen-s0"
+    git(left, "update-ref", ref, "HEAD")
+    seen = []
+
+    def listed(project_dir):
+        seen.append(git(project_dir, "for-each-ref", "--format=%(refname)", "refs/exps"))
+        raise RuntimeError("listed")
+
+    monkeypatch.setattr(study_driver, "list_experiments", listed)
+    monkeypatch.chdir(project_copy)
+    with pytest.raises(RuntimeError, match="listed"):
+        study.run_study(
+            "studies/tiny.yaml", "params.yaml", "reports", 2, logging.getLogger("test")
+        )  # fmt: skip
+    assert seen == [ref]
