@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fcn_pipeline.baselines import (
@@ -44,6 +45,7 @@ def test_a_coarse_stride_cannot_draw_a_one_pixel_line():
     assert line_coarse.sum() < 32
 
 
+@pytest.mark.slow  # 150 optimisation steps: 2 s
 def test_stride_ceiling_falls_with_the_stride(tmp_path):
     splits = {"train": 1, "val": 1, "test": 6}
     data = DataParams(synthetic=SyntheticParams(splits=splits), workers=1)

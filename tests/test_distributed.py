@@ -84,6 +84,7 @@ def _rank_confusion(rank: int, port: int, data: str, out: str) -> None:
         torch.save(hist, Path(out) / f"hist{rank}.pt")
 
 
+@pytest.mark.slow  # two processes (torchrun or mp.spawn): 7-30 s each
 def test_distributed_confusion_equals_the_one_process_one_exactly(tiny_data, tmp_path):
     data = str(tiny_data / "ingested")
     mp.spawn(_rank_confusion, args=(free_port(), data, str(tmp_path)), nprocs=2)
@@ -112,6 +113,7 @@ def _rank_test_scoring(rank: int, port: int, data: str, out: str) -> None:
         torch.save({"hist": hist, "kept": kept}, Path(out) / f"test{rank}.pt")
 
 
+@pytest.mark.slow  # two processes (torchrun or mp.spawn): 7-30 s each
 def test_distributed_test_scoring_equals_the_one_process_one_exactly(tiny_data, tmp_path):
     data = str(tiny_data / "ingested")
     mp.spawn(_rank_test_scoring, args=(free_port(), data, str(tmp_path)), nprocs=2)
@@ -180,6 +182,7 @@ def history(path: Path) -> dict[str, float]:
     return torch.load(path, weights_only=True)["history"][-1]
 
 
+@pytest.mark.slow  # two processes (torchrun or mp.spawn): 7-30 s each
 def test_two_processes_train_like_one_with_the_same_global_batch(tiny_data, tmp_path, env):
     one = write_params(tiny_data, tmp_path, "one")
     two = write_params(tiny_data, tmp_path, "two", nproc_per_node=2)
@@ -204,6 +207,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_data, tmp_
         assert b[key] == pytest.approx(a[key], abs=1e-3)
 
 
+@pytest.mark.slow  # two processes (torchrun or mp.spawn): 7-30 s each
 def test_two_nodes_on_one_machine_meet_at_a_c10d_rendezvous(tiny_data, tmp_path, env):
     port = free_port()
     params = write_params(
@@ -218,6 +222,7 @@ def test_two_nodes_on_one_machine_meet_at_a_c10d_rendezvous(tiny_data, tmp_path,
     assert (tmp_path / "nodes" / "models" / "fcn32s" / MODEL_FILE).is_file()
 
 
+@pytest.mark.slow  # two processes (torchrun or mp.spawn): 7-30 s each
 def test_a_rank_that_dies_fails_the_stage_with_an_error_not_a_hang(tiny_data, tmp_path, env):
     params = write_params(tiny_data, tmp_path, "killed", nproc_per_node=2)
     env["FCN_TEST_KILL_RANK"] = "1"
@@ -268,6 +273,7 @@ class InterruptError(Exception):
     pass
 
 
+@pytest.mark.slow  # two processes (torchrun or mp.spawn): 7-30 s each
 def test_two_processes_resume_their_checkpoint(tiny_data, tmp_path):
     reference, out = tmp_path / "ref", tmp_path / "run"
     mp.spawn(_rank_resume, args=(free_port(), tiny_data, reference, False), nprocs=2)
@@ -283,6 +289,7 @@ def test_two_processes_resume_their_checkpoint(tiny_data, tmp_path):
     assert (out / "fcn32s" / MODEL_FILE).is_file()
 
 
+@pytest.mark.slow  # two processes (torchrun or mp.spawn): 7-30 s each
 def test_a_one_process_checkpoint_is_not_resumed_by_two(tiny_data, tmp_path):
     train_variant(_tiny_train_params(tiny_data, tmp_path), "fcn32s", 2)
     mp.spawn(_rank_resume, args=(free_port(), tiny_data, tmp_path, False), nprocs=2)

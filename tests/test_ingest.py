@@ -339,7 +339,8 @@ def test_cli_exits_nonzero_when_the_stage_fails(tmp_path):
     from flows.cli import main
 
     assert main(["ingest", "--format", "camvid", "--root", str(tmp_path / "absent")]) == 1
-    assert main(["ingest", "--out", str(tmp_path / "ok"), "--workers", "1"]) == 0
+    tiny = "data.synthetic.splits={train: 2, val: 1, test: 1}"
+    assert main(["ingest", "--out", str(tmp_path / "ok"), "--workers", "1", "-S", tiny]) == 0
     assert (tmp_path / "ok" / "dataset.json").is_file()
 
 

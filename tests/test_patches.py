@@ -202,6 +202,7 @@ def rarest_shares(data: Path, stats: Path, out: Path, **changes) -> tuple[float,
     return rarest["share"], rarest["uniform_share"], rarest["name"]
 
 
+@pytest.mark.slow  # the default-size data: 2.5-3 s
 def test_class_balanced_doubles_the_rarest_class_on_the_default_synthetic_set(
     tmp_path: Path,
 ) -> None:
@@ -218,6 +219,7 @@ def test_class_balanced_doubles_the_rarest_class_on_the_default_synthetic_set(
     assert balanced >= 2 * uniform  # and an actual uniform patch set
 
 
+@pytest.mark.slow  # the default-size data: 2.5-3 s
 @pytest.mark.camvid
 def test_class_balanced_doubles_the_rarest_class_on_camvid(
     camvid_ingested: Path, tmp_path: Path

@@ -127,7 +127,7 @@ def test_tiles_covering_the_image_once_give_the_whole_image_scores(tmp_path):
     assert flipped.shape == whole.shape
 
 
-@pytest.mark.parametrize("geometry", ["same", "paper"])
+@pytest.mark.parametrize("geometry", ["same", pytest.param("paper", marks=pytest.mark.slow)])
 def test_tiles_with_the_nets_context_give_the_whole_image_masks(tmp_path, geometry):
     """Overlap-tile: each 96-pixel window predicted from a window 224 pixels wider on
     every side, cut on the pooling grid, keeps exactly the whole image's classes on an
@@ -199,10 +199,6 @@ def parity(tmp_path: Path, variant: str, geometry: str) -> None:
         assert (onnx_scorer(x) - expected).abs().max() < 1e-4, (height, width)
 
 
-def test_onnx_and_torchscript_match_pytorch_fcn8s_same(tmp_path):
-    parity(tmp_path, "fcn8s", "same")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("geometry", ["same", "paper"])
 @pytest.mark.parametrize("variant", ["fcn32s", "fcn16s", "fcn8s"])
@@ -210,8 +206,10 @@ def test_onnx_and_torchscript_match_pytorch_every_variant_and_geometry(tmp_path,
     parity(tmp_path, variant, geometry)
 
 
-def test_predict_from_onnx_gives_the_masks_of_model_pt(tmp_path):
+@pytest.mark.slow  # ONNX export: 4-5 s
+def test_predict_from_onnx_gives_the_masks_of_model_pt_and_needs_its_metadata(tmp_path):
     pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
     from fcn_pipeline.export import export
 
     random_model(tmp_path / "model.pt")
@@ -225,36 +223,31 @@ def test_predict_from_onnx_gives_the_masks_of_model_pt(tmp_path):
             decode_mask((tmp_path / "a" / name).read_bytes()),
             decode_mask((tmp_path / "b" / name).read_bytes()),
         )
-
-
-def test_an_onnx_file_without_metadata_is_refused_naming_it(tmp_path):
-    onnx = pytest.importorskip("onnx")
-    from fcn_pipeline.export import export
-
-    random_model(tmp_path / "model.pt", "fcn32s")
-    export(tmp_path / "model.pt", "onnx", tmp_path / "m.onnx")
+    # The same file without its metadata (class names, normalisation) is refused by name.
     graph = onnx.load(str(tmp_path / "m.onnx"))
     del graph.metadata_props[:]
     onnx.save(graph, str(tmp_path / "bare.onnx"))
-    write_images(tmp_path / "in", [(8, 8)])
     with pytest.raises(CheckpointError, match=r"bare\.onnx: no fcn-pipeline metadata"):
-        predict(tmp_path / "bare.onnx", [str(tmp_path / "in")], tmp_path / "out")
+        predict(tmp_path / "bare.onnx", [str(tmp_path / "in")], tmp_path / "c")
 
 
-def test_the_cli_predicts_prints_info_and_fails_in_one_line(tmp_path):
+def test_the_cli_predicts_prints_info_and_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
     random_model(tmp_path / "model.pt")
     write_images(tmp_path / "in", [(16, 24)])
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "model.pt", "in", "--out", "out"]) == 0
+    assert (tmp_path / "out" / "img0.png").is_file()
+    assert main(["predict", "--info", "model.pt"]) == 0
+    assert '"class_names"' in capsys.readouterr().out
+    # The installed command, as a user runs it: no link, one error line, no traceback.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    run = lambda *a: subprocess.run(  # noqa: E731
-        ["fcn-pipeline", *a], capture_output=True, text=True, cwd=tmp_path, env=env
-    )
-    ok = run("predict", "model.pt", "in", "--out", "out")
-    assert ok.returncode == 0, ok.stderr
-    assert (tmp_path / "out" / "img0.png").is_file() and "View at" not in ok.stderr
-    info = run("predict", "--info", "model.pt")
-    assert info.returncode == 0 and '"class_names"' in info.stdout
-    bad = run("predict", "model.pt", "nothing-here", "--out", "out")
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    bad = subprocess.run(
+        ["fcn-pipeline", "predict", "model.pt", "nothing-here", "--out", "out"],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "View at" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == (
         "fcn-pipeline predict: error: nothing-here: no such file or directory"
     )

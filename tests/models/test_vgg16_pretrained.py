@@ -29,6 +29,7 @@ def test_key_map_follows_torchvision_layout():
     assert len(keys) == 15
 
 
+@pytest.mark.slow  # the full-width VGG16, 138 M weights: 3.5 s
 def test_pretrained_weights_are_convolutionalized_exactly(vgg16, vgg16_file):
     model = build_fcn("fcn8s", 21, pretrained=vgg16_file).eval()
     theirs = vgg16.state_dict()
