@@ -117,7 +117,7 @@ class DataParams(StrictModel):
 class StatsParams(StrictModel):
     """The ``stats`` stage: per-class pixel counts and class weights."""
 
-    data: str = "data/ingested"  # an ingested dataset (normally data.out)
+    data: str = "data/ingested"  # derived: data.out (see DERIVED_PATHS)
     out: str = "data/stats"
     workers: int = Field(0, ge=0, le=256)
 
@@ -125,8 +125,8 @@ class StatsParams(StrictModel):
 class PatchesParams(StrictModel):
     """The ``patches`` stage: square training patches cut from the train split."""
 
-    data: str = "data/ingested"  # an ingested dataset (normally data.out)
-    stats: str = "data/stats"  # the stats stage's output (normally stats.out)
+    data: str = "data/ingested"  # derived: data.out (see DERIVED_PATHS)
+    stats: str = "data/stats"  # derived: stats.out
     out: str = "data/patches"
     strategy: PatchStrategy = "class_balanced"
     class_weighting: WeightScheme = "median_frequency"  # weights behind class_balanced
@@ -157,9 +157,9 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 class TrainParams(StrictModel):
     """The ``train_<variant>`` stages: FCN-32s -> FCN-16s -> FCN-8s, as in the paper."""
 
-    data: str = "data/ingested"  # ingested dataset: val split (and train split in full mode)
-    patches: str = "data/patches"  # the patches stage's output: train set in patch mode
-    stats: str = "data/stats"  # the stats stage's output: class weights
+    data: str = "data/ingested"  # derived: data.out; val split (and train split, full mode)
+    patches: str = "data/patches"  # derived: patches.out; the train set in patch mode
+    stats: str = "data/stats"  # derived: stats.out; class weights
     out: str = "models"  # models/<variant>/model.pt and checkpoint.pt
     live: str = "dvclive"  # DVCLive logs, dvclive/<variant>/
     mode: TrainMode = "full"  # full: whole images; patch: the patches stage's patches
@@ -253,8 +253,8 @@ class EpochParams(StrictModel):
 class EvaluateParams(StrictModel):
     """The ``evaluate_<variant>`` stages: FCN metrics at native resolution."""
 
-    data: str = "data/ingested"  # ingested dataset (normally data.out)
-    models: str = "models"  # train.out: models/<variant>/model.pt
+    data: str = "data/ingested"  # derived: data.out (see DERIVED_PATHS)
+    models: str = "models"  # derived: train.out; models/<variant>/model.pt
     split: Split = "test"
     metrics: str = "metrics"  # metrics/<variant>.json
     out: str = "evaluation"  # evaluation/<variant>/: confusion.csv, confusion.png, overlays/
@@ -303,6 +303,42 @@ class Params(StrictModel):
     epochs: EpochParams = Field(default_factory=EpochParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     executor: ExecutorParams = Field(default_factory=ExecutorParams)
+
+
+# Where a stage reads what an earlier stage wrote: not params.yaml keys, but the earlier
+# stage's output key, filled in on load, so each path has one home (moving the ingested
+# data is one edit of data.out). Library callers pass these fields themselves.
+DERIVED_PATHS = {
+    "stats.data": "data.out",
+    "patches.data": "data.out",
+    "patches.stats": "stats.out",
+    "train.data": "data.out",
+    "train.patches": "patches.out",
+    "train.stats": "stats.out",
+    "evaluate.data": "data.out",
+    "evaluate.models": "train.out",
+}
+
+
+def _derive_paths(source: str, tree: dict[str, Any]) -> None:
+    """Refuse a derived path set in ``tree``; fill each from its producer's key."""
+    for key, producer in DERIVED_PATHS.items():
+        group, name = key.split(".")
+        section = tree.get(group)
+        if isinstance(section, dict) and name in section:
+            raise ConfigError(
+                f"{source}: {key}: not a parameter: the stage reads {producer}, the "
+                f"output of the stage before it; set {producer} instead"
+            )
+    for key, producer in DERIVED_PATHS.items():
+        group, name = key.split(".")
+        source_group, source_name = producer.split(".")
+        value = (tree.get(source_group) or {}).get(source_name)
+        if value is None:
+            value = getattr(Params.model_fields[source_group].default_factory(), source_name)
+        section = tree.setdefault(group, {})
+        if isinstance(section, dict) and isinstance(value, str):  # else its own key fails
+            section[name] = value
 
 
 # A dotted params.yaml key, as `dvc exp run -S key=value` names it.
@@ -378,6 +414,7 @@ def parse_params(
                 "rename the file or directory"
             )
         _set_dotted(tree, key, value)
+    _derive_paths(source, tree)
     try:
         # Validating in JSON mode keeps strict typing (no "3" -> 3) while
         # letting YAML lists fill tuple fields.

@@ -212,7 +212,7 @@ def _add_ingest(stages: Any) -> None:
 def _add_stats(stages: Any) -> None:
     stats = stages.add_parser("stats", help="per-class pixel statistics and class weights")
     option = stats.add_argument
-    option("--data", dest="stats.data", metavar="INGESTED_DIR", help="ingested dataset")
+    option("--data", dest="data.out", metavar="INGESTED_DIR", help="ingested dataset")
     option("--out", dest="stats.out", metavar="DIR", help="output directory")
     option("--workers", dest="stats.workers", type=int, metavar="N", help="processes (0 = all)")
     _add_set(stats)
@@ -222,8 +222,8 @@ def _add_stats(stages: Any) -> None:
 def _add_patches(stages: Any) -> None:
     patches = stages.add_parser("patches", help="cut training patches from the train split")
     option = patches.add_argument
-    option("--data", dest="patches.data", metavar="INGESTED_DIR", help="ingested dataset")
-    option("--stats", dest="patches.stats", metavar="STATS_DIR", help="stats stage output")
+    option("--data", dest="data.out", metavar="INGESTED_DIR", help="ingested dataset")
+    option("--stats", dest="stats.out", metavar="STATS_DIR", help="stats stage output")
     option("--out", dest="patches.out", metavar="DIR", help="output directory")
     option("--strategy", dest="patches.strategy", metavar="NAME", help="grid | uniform | ...")
     option(
@@ -265,7 +265,7 @@ def _add_evaluate(stages: Any) -> None:
     option = evaluate.add_argument
     option("--variant", required=True, metavar="NAME", help="fcn32s | fcn16s | fcn8s")
     option("--split", dest="evaluate.split", metavar="SPLIT", help="train | val | test")
-    option("--models", dest="evaluate.models", metavar="DIR", help="trained models directory")
+    option("--models", dest="train.out", metavar="DIR", help="trained models directory")
     option("--metrics", dest="evaluate.metrics", metavar="DIR", help="metrics directory")
     option("--out", dest="evaluate.out", metavar="DIR", help="plots and overlays directory")
     option("--device", dest="evaluate.device", metavar="DEVICE", help="auto | cpu | cuda")

@@ -13,7 +13,7 @@ PARAMS = ("patches", "executor")
 
 
 def run(params: SimpleNamespace, variant: str | None, report: Report) -> dict[str, Any]:
-    """Cut the train-split patches of ``patches.data`` into ``patches.out``."""
+    """Cut the train-split patches of ``data.out`` into ``patches.out``."""
     from fcn_pipeline.patches import extract_patches
 
     cut = params.patches

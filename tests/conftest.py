@@ -143,6 +143,34 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+def tiny_params_file(tiny_data: Path, directory: Path, ingest_to: Path | None = None) -> Path:
+    """``directory/params.yaml``: its train and evaluate stages run in seconds on
+    :func:`tiny_data` (its ingested data, stats and patches) and write under
+    ``directory``. ``ingest_to``: the ingest stage writes 4/2/2 images of 48x64 there
+    instead, and the later stages read them."""
+    import yaml
+
+    settings = yaml.safe_load((REPO / "params.yaml").read_text())
+    settings["data"].update(out=str(ingest_to or tiny_data / "ingested"), workers=1)
+    settings["data"]["synthetic"].update(
+        height=48, width=64, splits={"train": 4, "val": 2, "test": 2}
+    )
+    settings["stats"]["out"] = str(tiny_data / "stats")
+    settings["patches"]["out"] = str(tiny_data / "patches")
+    settings["train"].update(
+        out=str(directory / "models"), live=str(directory / "dvclive"), width=0.03125,
+        device="cpu", workers=0, batch_size=4,
+    )  # fmt: skip
+    settings["epochs"] = {"fcn32s": 2, "fcn16s": 1, "fcn8s": 1}
+    settings["evaluate"].update(
+        metrics=str(directory / "metrics"), out=str(directory / "evaluation"), device="cpu",
+        workers=0, overlays=1,
+    )  # fmt: skip
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
 def compute_stats(params, out, **count_options):
     """The stats stage without Prefect: count ``params.data``, write ``out``."""
     from fcn_pipeline.stats import count_classes, write_stats

@@ -50,10 +50,7 @@ def stage_overrides(base: Path, executor: dict[str, Any]) -> dict[str, Any]:
         "data.out": str(data),
         "data.shard_size": SHARD_SIZE,
         "data.synthetic": TINY.model_dump(mode="json"),
-        "stats.data": str(data),
-        "stats.out": str(stats),
-        "patches.data": str(data),
-        "patches.stats": str(stats),
+        "stats.out": str(stats),  # what patches reads too
         "patches.out": str(patches),
         "patches.patches_per_image": 4,
         "patches.shard_size": 8,

@@ -30,7 +30,7 @@ from fcn_pipeline.errors import CheckpointError, ConfigError, InvalidInputError,
 from fcn_pipeline.evaluation import evaluate_variant
 from fcn_pipeline.ingest import ingest
 from fcn_pipeline.training import train_variant
-from tests.conftest import REPO, project_env
+from tests.conftest import REPO, project_env, tiny_params_file
 from tests.test_ingest import make_camvid, make_folder, params, save_png
 from tests.test_training import tiny_params
 
@@ -421,30 +421,11 @@ def test_an_output_under_a_regular_file_is_one_line_naming_it(tmp_path):
     assert line == "fcn-pipeline ingest: error: a-file/data: Not a directory"
 
 
-def tiny_train_params(tiny_data: Path, directory: Path) -> Path:
-    """A params.yaml in ``directory`` that trains on the tiny dataset in seconds."""
-    settings = yaml.safe_load((REPO / "params.yaml").read_text())
-    settings["train"].update(
-        data=str(tiny_data / "ingested"),
-        patches=str(tiny_data / "patches"),
-        stats=str(tiny_data / "stats"),
-        out=str(directory / "models"),
-        live=str(directory / "dvclive"),
-        width=0.03125,
-        device="cpu",
-        workers=0,
-    )
-    settings["epochs"] = {"fcn32s": 2, "fcn16s": 1, "fcn8s": 1}
-    path = directory / "params.yaml"
-    path.write_text(yaml.safe_dump(settings, sort_keys=False))
-    return path
-
-
 def test_a_successful_training_swaps_its_curves_in(tiny_data, tmp_path):
     from flows.stages import run_stage, stage_params
     from flows.train import PARAMS
 
-    params_file = tiny_train_params(tiny_data, tmp_path)
+    params_file = tiny_params_file(tiny_data, tmp_path)
     curves = tmp_path / "dvclive" / "fcn32s"
     curves.mkdir(parents=True)
     (curves / "metrics.json").write_text('{"step": 9}\n')  # an earlier run's
@@ -457,7 +438,7 @@ def test_a_successful_training_swaps_its_curves_in(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_a_failed_training_keeps_the_previous_curves(tiny_data, tmp_path):
-    tiny_train_params(tiny_data, tmp_path)
+    tiny_params_file(tiny_data, tmp_path)
     coarser = tmp_path / "models" / "fcn32s" / "model.pt"
     coarser.parent.mkdir(parents=True)
     coarser.write_bytes(b"\x00" * 100_000)  # `truncate -s 100000` of a model

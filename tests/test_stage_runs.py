@@ -16,30 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, project_env
-
-
-def tiny_params(tiny_data: Path, directory: Path) -> Path:
-    """A params.yaml whose train and evaluate stages run on the tiny dataset in seconds."""
-    settings = yaml.safe_load((REPO / "params.yaml").read_text())
-    settings["data"].update(out=str(directory / "ingested"), workers=1)
-    settings["data"]["synthetic"].update(
-        height=48, width=64, splits={"train": 4, "val": 2, "test": 2}
-    )
-    settings["train"].update(
-        data=str(tiny_data / "ingested"), patches=str(tiny_data / "patches"),
-        stats=str(tiny_data / "stats"), out=str(directory / "models"),
-        live=str(directory / "dvclive"), width=0.03125, device="cpu", workers=0, batch_size=4,
-    )  # fmt: skip
-    settings["epochs"] = {"fcn32s": 2, "fcn16s": 1, "fcn8s": 1}
-    settings["evaluate"].update(
-        data=str(tiny_data / "ingested"), models=str(directory / "models"),
-        metrics=str(directory / "metrics"), out=str(directory / "evaluation"), device="cpu",
-        workers=0, overlays=1,
-    )  # fmt: skip
-    path = directory / "params.yaml"
-    path.write_text(yaml.safe_dump(settings, sort_keys=False))
-    return path
+from tests.conftest import project_env, tiny_params_file
 
 
 def test_a_stage_without_a_parent_imports_no_prefect(tmp_path):
@@ -141,7 +118,7 @@ def placeholders(parent_id: str) -> dict[str, Any]:
 def test_stages_under_a_parent_are_its_subflow_runs_with_artifacts(
     tiny_data, tmp_path, prefect_api_url
 ):
-    params_file = tiny_params(tiny_data, tmp_path)
+    params_file = tiny_params_file(tiny_data, tmp_path, ingest_to=tmp_path / "ingested")
     base = ["--params", str(params_file)]
     parent_id, runs = run_under_parent(
         tmp_path, prefect_api_url,
