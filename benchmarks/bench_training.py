@@ -40,19 +40,14 @@ from pathlib import Path
 
 import torch
 
-from fcn_pipeline import training
 from fcn_pipeline.config import DataParams, SyntheticParams, TrainParams, load_params
 from fcn_pipeline.data import Batch, SegmentationDataset, train_loader
+from fcn_pipeline.epoch import LOSS_CHECK_STEPS, EpochStats, random_hflip, train_one_epoch
 from fcn_pipeline.losses import segmentation_loss
 from fcn_pipeline.models import build_fcn, parameter_groups
 from fcn_pipeline.runtime import autocast, kernel_settings, resolve_device
-from fcn_pipeline.training import (
-    build_criterion,
-    build_optimizer,
-    build_scheduler,
-    random_hflip,
-    train_one_epoch,
-)
+from fcn_pipeline.schedules import build_scheduler
+from fcn_pipeline.training import build_criterion, build_optimizer
 
 
 def loader_throughput(dataset: SegmentationDataset, batch_size: int, workers: int) -> float:
@@ -80,7 +75,7 @@ def step_throughput(
                 torch.cuda.synchronize()
             start, images = time.perf_counter(), 0
         x, y = batch.images.to(device), batch.masks.to(device)
-        x = x.contiguous(memory_format=torch.channels_last)  # as training.train_one_epoch
+        x = x.contiguous(memory_format=torch.channels_last)  # as fcn_pipeline.epoch.train_one_epoch
         with autocast(device):
             logits = model(x)
         loss = segmentation_loss(logits, y)
@@ -128,7 +123,7 @@ def host_flipped(loader) -> Iterator:
 
 def kernel_cases() -> list[Case]:
     """The changes to CUDA training one after the other, from before to now."""
-    now = training.LOSS_CHECK_STEPS
+    now = LOSS_CHECK_STEPS
     return [
         Case("before: deterministic, read/step, host flips", kernels_before, 1, "host", False),
         Case("+ cuDNN autotuning", kernel_settings, 1, "host", False),
@@ -290,7 +285,7 @@ def main() -> None:
         now = kernel_cases()[-1]
         optimizers: dict[bool, tuple] = {}
 
-        def run_epoch(case: Case = now) -> training.EpochStats:
+        def run_epoch(case: Case = now) -> EpochStats:
             if case.fused not in optimizers:  # one optimizer (and schedule) per kind
                 optimizer = build_optimizer(model, params, fused=case.fused)
                 steps = len(loader) * (2 + 5 * args.epochs)

@@ -24,14 +24,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fcn_pipeline.errors import ConfigError
 
 # Set by torchrun in every worker it starts; their absence means "not launched yet".
 LAUNCHED_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "WORLD_SIZE")
-# Test hook (documented in the README's test section): the rank named here exits
-# abruptly after its first training step, as a crashed or killed rank would.
-KILL_RANK_ENV = "FCN_TEST_KILL_RANK"
 
 
 @dataclass(frozen=True)
@@ -157,26 +156,33 @@ def world_of_group() -> World:
     return World(dist.get_rank(), dist.get_world_size(), _env_int(("LOCAL_RANK",), 0))
 
 
-def exit_if_test_kills() -> None:
-    """Exit at once, without cleanup, when ``FCN_TEST_KILL_RANK`` names this process's
-    rank (tests only: it stands in for a rank that crashes or is killed)."""
-    target = os.environ.get(KILL_RANK_ENV)
-    if target is not None and active() and target.strip() == str(dist.get_rank()):
-        os._exit(1)
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps ``seed`` (a one-process run is unchanged); other ranks get their own
+    stream, so their dropout, flips and loss-sampling masks differ, reproducibly."""
+    return seed + rank * 2**40
+
+
+def wrap_for_ranks(model: nn.Module, device: torch.device, world: World) -> nn.Module:
+    """``model`` in DistributedDataParallel (gradients averaged over ranks) when there
+    are several processes; ``model`` itself for one."""
+    if not world.distributed:
+        return model
+    device_ids = [device.index if device.index is not None else world.local_rank]
+    return DistributedDataParallel(model, device_ids=device_ids if device.type == "cuda" else None)
 
 
 __all__ = [
-    "KILL_RANK_ENV",
     "World",
     "active",
     "all_reduce_sum",
     "backend_for",
     "barrier",
     "broadcast_from_main",
-    "exit_if_test_kills",
     "merge_from_all",
     "process_group",
+    "rank_seed",
     "under_launcher",
     "world_from_env",
     "world_of_group",
+    "wrap_for_ranks",
 ]

@@ -214,6 +214,28 @@ class EvaluationResult:
     seconds: float
 
 
+def write_plots(
+    out: Path, hist: torch.Tensor, title: str, dataset: SegmentationDataset,
+    predictions: dict[int, np.ndarray],
+) -> None:  # fmt: skip
+    """``out``, atomically: the confusion matrix (``confusion.csv``, ``confusion.png``
+    titled ``title``) and ``overlays/<n>-<id>.png`` of the ``predictions`` of those
+    images of ``dataset``, in index order."""
+    meta = dataset.meta
+    with atomic_output_dir(out) as tmp:
+        write_confusion_csv(tmp / "confusion.csv", hist, meta.class_names)
+        write_confusion_png(tmp / "confusion.png", hist, meta.class_names, title)
+        overlays = tmp / "overlays"
+        overlays.mkdir()
+        for number, index in enumerate(sorted(predictions)):
+            sample = dataset[index]
+            mask = sample.mask.numpy().astype(np.uint8)  # ignore stays 255 (white)
+            png = overlay_png(
+                denormalize(sample.image), mask, predictions[index], meta.class_colors
+            )
+            (overlays / f"{number:02d}-{sample.id}.png").write_bytes(png)
+
+
 def evaluate_variant(
     params: EvaluateParams, variant: str, *, log: Callable[[str], None] = print
 ) -> EvaluationResult:
@@ -265,23 +287,8 @@ def evaluate_variant(
     }
 
     out = Path(params.out) / variant
-    with atomic_output_dir(out) as tmp:
-        write_confusion_csv(tmp / "confusion.csv", hist, meta.class_names)
-        write_confusion_png(
-            tmp / "confusion.png",
-            hist,
-            meta.class_names,
-            f"{model.variant} on {params.split}: mean IU {scores['mean_iu']:.3f}",
-        )
-        overlays = tmp / "overlays"
-        overlays.mkdir()
-        for number, index in enumerate(chosen):
-            sample = dataset[index]
-            mask = sample.mask.numpy().astype(np.uint8)  # ignore stays 255 (white)
-            png = overlay_png(
-                denormalize(sample.image), mask, predictions[index], meta.class_colors
-            )
-            (overlays / f"{number:02d}-{sample.id}.png").write_bytes(png)
+    title = f"{model.variant} on {params.split}: mean IU {scores['mean_iu']:.3f}"
+    write_plots(out, hist, title, dataset, {index: predictions[index] for index in chosen})
     metrics_path = Path(params.metrics) / f"{variant}.json"
     atomic_write_json(metrics_path, json_safe(metrics))
     seconds = time.perf_counter() - start

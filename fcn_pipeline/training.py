@@ -43,10 +43,6 @@ over. A corrupt or foreign checkpoint is set aside (renamed ``*.bad``) with a wa
 
 from __future__ import annotations
 
-import math
-import os
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +50,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from fcn_pipeline import distributed
 from fcn_pipeline.checkpoints import (
@@ -74,38 +69,20 @@ from fcn_pipeline.checkpoints import (
 )
 from fcn_pipeline.class_weights import load_class_weights
 from fcn_pipeline.config import TrainParams, check_staged_variant
-from fcn_pipeline.convergence import plateau_phases
-from fcn_pipeline.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PreloadedDataset,
-    SegmentationDataset,
-    eval_loader,
-    preload,
-    train_loader,
-)
-from fcn_pipeline.errors import (
-    CheckpointError,
-    ConfigError,
-    DatasetError,
-    TrainingDivergedError,
-    describe_os_error,
-)
+from fcn_pipeline.data import IMAGENET_MEAN, IMAGENET_STD, train_loader
+from fcn_pipeline.epoch import EpochStats, epoch_line, epoch_metrics, evaluate, train_one_epoch
+from fcn_pipeline.errors import CheckpointError, describe_os_error
 from fcn_pipeline.losses import SegmentationCriterion
 from fcn_pipeline.metrics import segmentation_scores
 from fcn_pipeline.models import build_fcn, init_from_coarser, parameter_groups
 from fcn_pipeline.runtime import (
-    autocast,
     kernel_settings,
-    predict_batches,
     resolve_device,
     seed_everything,
-    to_device,
     training_dtype,
 )
-
-# Steps between two reads of the training loss on CUDA (each one a synchronisation).
-LOSS_CHECK_STEPS = 32
+from fcn_pipeline.schedules import build_scheduler, rescale, stopped
+from fcn_pipeline.train_data import TrainingData, build_data, data_workers
 
 # Staged training: each variant starts from the trained model of the coarser one.
 COARSER = {"fcn16s": "fcn32s", "fcn8s": "fcn16s"}
@@ -114,12 +91,6 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 # --- building blocks ----------------------------------------------------------------
-
-
-def training_set(params: TrainParams) -> SegmentationDataset:
-    """The images one epoch iterates over: the ingested train split or the patches."""
-    root = params.data if params.mode == "full" else params.patches
-    return SegmentationDataset(root, "train")
 
 
 def build_criterion(
@@ -198,188 +169,6 @@ def build_optimizer(
     return torch.optim.Adam(groups, **options)
 
 
-def poly_factor(step: int, total_steps: int, power: float) -> float:
-    """``(1 - step / total_steps) ** power``, the FCN/DeepLab "poly" decay."""
-    return (1.0 - min(step, total_steps) / max(total_steps, 1)) ** power
-
-
-class PlateauScale:
-    """The lr multiplier of the ``plateau`` schedule: ``plateau_factor`` to the number
-    of drops so far, which :meth:`update` replays from the validation curve (so a
-    resumed run, whose checkpoint holds the curve, continues at the same lr). Holds one
-    float: LambdaLR saves a callable object's attributes in the checkpoint, which is
-    read back with ``weights_only=True``."""
-
-    def __init__(self) -> None:
-        self.drops = 0
-        self.value = 1.0
-
-    def __call__(self, step: int) -> float:
-        return self.value
-
-    def update(self, history: list[dict[str, float]], params: TrainParams, scheduler: Any) -> bool:
-        """Set the multiplier for ``history`` and apply it to the optimizer now; whether
-        it changed."""
-        drops, _ = plateau_phases([metrics["val_mean_iu"] for metrics in history], params)
-        changed = drops != self.drops
-        self.drops, self.value = drops, params.plateau_factor**drops
-        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
-            group["lr"] = base * self.value
-        return changed
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, params: TrainParams, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step learning rate: ``poly`` decays each group's lr to 0 over ``total_steps``,
-    ``fixed`` keeps it, ``plateau`` divides it at each plateau (its multiplier,
-    :class:`PlateauScale`, is the scheduler's ``lr_lambdas[0]``: update it after every
-    epoch). Call ``step()`` after every optimizer step."""
-    if params.schedule == "poly":
-        power = params.poly_power
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: poly_factor(step, total_steps, power)
-        )
-    if params.schedule == "plateau":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, PlateauScale())
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-
-
-def random_hflip(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip each ``(3, H, W)`` image and its ``(H, W)`` mask left-right with probability 1/2
-    (label-safe: a mirrored scene is labelled by the mirrored mask). Draws from torch's
-    global CPU generator, which every epoch reseeds, so runs stay reproducible, and the
-    draws are the same whatever device the batch is on."""
-    flip = (torch.rand(images.shape[0]) < 0.5).to(images.device)
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    masks = torch.where(flip[:, None, None], masks.flip(-1), masks)
-    return images, masks
-
-
-def steps_per_epoch(train_set: SegmentationDataset, batch_size: int) -> int:
-    """Optimizer steps in one epoch (incomplete last batches are dropped)."""
-    return len(train_loader(train_set, batch_size, seed=0, workers=0, drop_last=True))
-
-
-# --- one epoch ----------------------------------------------------------------------
-
-
-@dataclass
-class EpochStats:
-    loss: float
-    images: int
-    seconds: float
-    data_seconds: float  # time the loop waited for the loader
-    lr: float  # learning rate of the epoch's last step (first group)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / max(self.seconds, 1e-9)
-
-
-def show_progress() -> bool:
-    """Progress bars on a terminal only; quiet in CI logs and under DVC/Prefect pipes."""
-    return sys.stderr.isatty() and not os.environ.get("CI")
-
-
-def train_one_epoch(
-    model: nn.Module,
-    criterion: SegmentationCriterion,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: torch.utils.data.DataLoader,
-    device: torch.device,
-    epoch: int,
-    *,
-    hflip: bool = False,
-    loss_check_steps: int | None = None,
-    dtype: torch.dtype | None = None,
-) -> EpochStats:
-    """One pass over ``loader``: forward, loss, backward, optimizer and scheduler step
-    (``hflip``: each image mirrored with probability 1/2 first; the forward pass under
-    autocast to ``dtype``, default :func:`fcn_pipeline.runtime.training_dtype`).
-
-    The losses are read back every ``loss_check_steps`` steps (default: every step on
-    the CPU, ``LOSS_CHECK_STEPS`` on CUDA, where each read is a synchronisation that
-    would leave the device idle while the host queues the next step). Raises
-    :class:`TrainingDivergedError` naming the step and learning rate of the first NaN
-    or infinite loss, at the read that finds it.
-    """
-    from tqdm import tqdm
-
-    variant = getattr(model, "module", model).variant  # under DistributedDataParallel
-    model.train()
-    total_loss, images, data_seconds, lr = 0.0, 0, 0.0, optimizer.param_groups[0]["lr"]
-    if loss_check_steps is None:
-        loss_check_steps = 1 if device.type == "cpu" else LOSS_CHECK_STEPS
-    dtype = training_dtype(device) if dtype is None else dtype
-    pending: list[tuple[torch.Tensor, int, int, float, int]] = []  # loss, step, batch, lr, n
-    start = tick = time.perf_counter()
-    bar = tqdm(loader, desc=f"{variant} epoch {epoch}", leave=False, disable=not show_progress())
-
-    def settle() -> None:
-        """Read the pending losses back; raise at the first one that is not finite."""
-        nonlocal total_loss
-        values = torch.stack([entry[0] for entry in pending]).tolist()
-        for value, (_, step, batch_index, step_lr, count) in zip(values, pending, strict=True):
-            if not math.isfinite(value):
-                raise TrainingDivergedError(
-                    f"{variant}: loss is {value} at step {step} (epoch {epoch}, batch "
-                    f"{batch_index}) with learning rate {step_lr:.3g}; lower train.lr"
-                )
-            total_loss += value * count
-        pending.clear()
-        bar.set_postfix(
-            loss=f"{values[-1]:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}"
-        )
-
-    for i, batch in enumerate(bar):
-        data_seconds += time.perf_counter() - tick
-        lr = optimizer.param_groups[0]["lr"]
-        # Flipped where they will be used: on CUDA the pinned batch goes over as it came
-        # from the loader and the GPU flips it, rather than the host, into pageable memory.
-        x, y = to_device(batch.images, device), batch.masks.to(device, non_blocking=True)
-        if hflip:
-            x, y = random_hflip(x, y)
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            logits = model(x)
-        loss = criterion(logits, y)
-        images += len(batch.ids)
-        pending.append((loss.detach(), scheduler.last_epoch, i, lr, len(batch.ids)))
-        if len(pending) >= loss_check_steps:
-            settle()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        distributed.exit_if_test_kills()
-        tick = time.perf_counter()
-    if pending:
-        settle()
-    # Over all ranks: the mean loss of every image of the epoch, and all images seen.
-    totals = distributed.all_reduce_sum(torch.tensor([total_loss, float(images)]))
-    total_loss, images = float(totals[0]), int(totals[1])
-    return EpochStats(
-        loss=total_loss / max(images, 1),
-        images=images,
-        seconds=time.perf_counter() - start,
-        data_seconds=data_seconds,
-        lr=lr,
-    )
-
-
-def evaluate(
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    num_classes: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """The ``(K, K)`` int64 confusion histogram of ``model`` over ``loader`` (on CPU),
-    summed over all ranks when each holds a share of the batches (exact: integers)."""
-    return distributed.all_reduce_sum(predict_batches(model, loader, num_classes, device)[0])
-
-
 # --- when to stop, what to keep ---------------------------------------------------
 
 
@@ -414,80 +203,6 @@ class TrainResult:
             "stopped_on_plateau": self.stopped_on_plateau,
             "precision": self.runtime.get("precision"),
         }
-
-
-def epoch_line(net: str, epoch: int, epochs: int, metrics: dict[str, float]) -> str:
-    """One log line per epoch: loss, validation scores, speed and data wait."""
-    return (
-        f"{net} epoch {epoch}/{epochs}: loss {metrics['train_loss']:.4f}, val mean IU "
-        f"{metrics['val_mean_iu']:.4f}, pixel acc {metrics['val_pixel_acc']:.4f}, "
-        f"{metrics['images_per_second']:.1f} img/s, data wait "
-        f"{100 * metrics['data_wait_share']:.0f}%"
-    )
-
-
-def epoch_metrics(stats: EpochStats, scores: dict) -> dict[str, float]:
-    """What is logged per epoch: training loss and speed, validation scores, lr."""
-    return {
-        "train_loss": stats.loss,
-        "train_images": stats.images,
-        "val_mean_iu": scores["mean_iu"],
-        "val_pixel_acc": scores["pixel_acc"],
-        "val_mean_acc": scores["mean_acc"],
-        "val_fw_iu": scores["fw_iu"],
-        "images_per_second": stats.images_per_second,
-        "data_wait_share": stats.data_seconds / max(stats.seconds, 1e-9),
-        "lr": stats.lr,
-    }
-
-
-def data_workers(dataset: Any, workers: int) -> int:
-    """Loader processes for ``dataset``: none when it is already decoded in memory
-    (a worker would only copy tensors between processes), else ``train.workers``."""
-    return 0 if isinstance(dataset, PreloadedDataset) else workers
-
-
-@dataclass
-class TrainingData:
-    """What a training reads: the train set, the validation loader and the class names."""
-
-    train_set: SegmentationDataset
-    val_set: SegmentationDataset
-    val_loader: torch.utils.data.DataLoader
-    class_names: list[str]
-    steps_per_epoch: int
-
-
-def build_data(
-    params: TrainParams, device: torch.device, world: distributed.World | None = None
-) -> TrainingData:
-    """The train set of ``train.mode`` and the validation split, checked to share classes;
-    the validation loader holds ``world``'s rank's share of the batches."""
-    train_set = training_set(params)
-    world = world or distributed.World()
-    val_set = SegmentationDataset(params.data, params.val_split)
-    steps = steps_per_epoch(train_set, params.batch_size)
-    class_names = val_set.meta.class_names
-    if train_set.meta.class_names != class_names:
-        raise DatasetError(
-            f"{train_set.root}: classes {train_set.meta.class_names} differ from "
-            f"{val_set.root}'s {class_names}"
-        )
-    train_set, val_set = preload(train_set, params.preload_mb), preload(val_set, params.preload_mb)
-    val_loader = eval_loader(
-        val_set,
-        params.eval_batch_size,
-        workers=data_workers(val_set, params.workers),
-        pin_memory=device.type == "cuda",
-        rank=world.rank,
-        world_size=world.size,
-    )
-    if world.distributed and (params.batch_size % world.size or len(train_set) < params.batch_size):
-        raise ConfigError(
-            f"train.batch_size ({params.batch_size}) is the global batch: it must divide over "
-            f"the world size {world.size} and not exceed the {len(train_set)} training images"
-        )
-    return TrainingData(train_set, val_set, val_loader, class_names, steps)
 
 
 def train_variant(
@@ -527,19 +242,21 @@ def train_variant(
         return _train(params, variant, epochs, device, world, on_epoch_end, log)
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """Rank 0 keeps ``seed`` (a one-process run is unchanged); other ranks get their own
-    stream, so their dropout, flips and loss-sampling masks differ, reproducibly."""
-    return seed + rank * 2**40
+@dataclass
+class _Run:
+    """One training between its epochs: the net, its optimisation and its progress."""
 
-
-def wrap_for_ranks(model: nn.Module, device: torch.device, world: distributed.World) -> nn.Module:
-    """``model`` in DistributedDataParallel (gradients averaged over ranks) when there
-    are several processes; ``model`` itself for one."""
-    if not world.distributed:
-        return model
-    device_ids = [device.index if device.index is not None else world.local_rank]
-    return DistributedDataParallel(model, device_ids=device_ids if device.type == "cuda" else None)
+    net: str
+    model: nn.Module
+    stepped: nn.Module  # the model, in DistributedDataParallel when there are ranks
+    criterion: SegmentationCriterion
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    dtype: torch.dtype
+    runtime: dict[str, Any]
+    fingerprint: dict[str, Any]
+    checkpoint_path: Path
+    progress: Progress
 
 
 def _train(
@@ -556,121 +273,117 @@ def _train(
     out_dir = Path(params.out) / variant
     init_path = Path(params.out) / COARSER[net] / MODEL_FILE if net in COARSER else None
     data = build_data(params, device, world)
-    backend = distributed.backend_for(device) if world.distributed else "one process"
-
     with kernel_settings(device, params.threads):
-        dtype = training_dtype(device, params.precision)
-        runtime = runtime_record(device, dtype)
-        log(
-            f"{net}: world size {world.size} ({backend}), {params.batch_size // world.size} "
-            f"images per process per step, global batch {params.batch_size}, "
-            + ", ".join(f"{key} {value}" for key, value in runtime.items())
-        )
-        seed_everything(params.seed)  # the same initial weights on every rank
-        model = build_model(params, net, data.class_names, init_path, log)
-        model.to(device, memory_format=torch.channels_last)
-        criterion = build_criterion(params, data.class_names, model.output_stride)
-        optimizer = build_optimizer(model, params)
-        scheduler = build_scheduler(optimizer, params, data.steps_per_epoch * epochs)
-
-        datasets = [data.train_set, data.val_set]
-        fingerprint = run_fingerprint(params, net, epochs, datasets, init_path, world.size, runtime)
-        checkpoint_path = out_dir / CHECKPOINT_FILE
-        progress = resume(checkpoint_path, fingerprint, model, optimizer, scheduler, log, runtime)
-        _rescale(scheduler, params, progress.history)
-        start_epoch = progress.epoch
+        run = _start(params, net, epochs, device, world, data, init_path, out_dir, log)
+        progress, start_epoch = run.progress, run.progress.epoch
         for number, metrics in enumerate(progress.history, start=1):
             if on_epoch_end:
                 on_epoch_end(number, metrics)
-        stopped = _stopped(params, progress.history)
-        if start_epoch and (stopped or start_epoch == epochs):
+        stop = stopped(params, progress.history)
+        if start_epoch and (stop or start_epoch == epochs):
             log(
-                f"{net}: {checkpoint_path} holds a finished run ({start_epoch} epochs); "
+                f"{net}: {run.checkpoint_path} holds a finished run ({start_epoch} epochs); "
                 "delete it to train afresh"
             )
-        stepped = wrap_for_ranks(model, device, world)
         for epoch in range(start_epoch + 1, epochs + 1):
-            if stopped:
+            if stop:
                 break
-            # Every epoch reseeds from (seed, epoch), so a resumed run draws what an
-            # uninterrupted one would (shuffle order, dropout, loss-sampling masks).
-            epoch_seed = params.seed * 100_003 + epoch
-            torch.manual_seed(rank_seed(epoch_seed, world.rank))
-            criterion.reseed(rank_seed(epoch_seed, world.rank))
-            loader = train_loader(
-                data.train_set,
-                params.batch_size,
-                seed=epoch_seed,  # the same on every rank: they share the global batches
-                workers=data_workers(data.train_set, params.workers),
-                pin_memory=device.type == "cuda",
-                drop_last=True,
-                rank=world.rank,
-                world_size=world.size,
-            )
-            stats = train_one_epoch(
-                stepped,
-                criterion,
-                optimizer,
-                scheduler,
-                loader,
-                device,
-                epoch,
-                hflip=params.hflip,
-                dtype=dtype,
-            )
-            hist = evaluate(model, data.val_loader, len(data.class_names), device)
-            progress.history.append(epoch_metrics(stats, segmentation_scores(hist)))
-            if best_epoch(progress.history) == epoch:
-                progress.best_state = weights_copy(model)
-            stopped = _stopped(params, progress.history)
-            if _rescale(scheduler, params, progress.history) and not stopped:
-                log(
-                    f"{net}: validation mean IU gained less than {params.plateau_min_gain} in "
-                    f"{params.plateau_patience} epochs; lr x {params.plateau_factor} from "
-                    f"epoch {epoch + 1}"
-                )
-            if world.main:
-                save_checkpoint(
-                    checkpoint_path, fingerprint, model, optimizer, scheduler, progress, runtime
-                )
-            distributed.barrier()
+            stop = _epoch(run, params, data, epoch, device, world, log)
             log(epoch_line(net, epoch, epochs, progress.history[-1]))
             if on_epoch_end:
                 on_epoch_end(epoch, progress.history[-1])
-        if stopped:
+        if stop:
             log(
                 f"{net}: validation mean IU gained less than {params.plateau_min_gain} in "
                 f"{params.plateau_patience} epochs; stopped after epoch {progress.epoch}"
             )
-
-    model_path = out_dir / MODEL_FILE
     result = TrainResult(
         net,
-        model_path,
+        out_dir / MODEL_FILE,
         progress.epoch,
         resumed_from=start_epoch,
         history=progress.history,
         best_epoch=best_epoch(progress.history) if progress.history else 0,
-        stopped_on_plateau=stopped,
-        runtime=runtime,
+        stopped_on_plateau=stop,
+        runtime=run.runtime,
     )
     if world.main:
-        _save_models(model, progress, params, data, result)
+        _save_models(run.model, progress, params, data, result)
     distributed.barrier()
     return result
 
 
-def _stopped(params: TrainParams, history: list[dict[str, float]]) -> bool:
-    return plateau_phases([metrics["val_mean_iu"] for metrics in history], params)[1]
+def _start(
+    params: TrainParams, net: str, epochs: int, device: torch.device, world: distributed.World,
+    data: TrainingData, init_path: Path | None, out_dir: Path, log: Callable[[str], None],
+) -> _Run:  # fmt: skip
+    """Everything before the first epoch: the net (from the backbone or the coarser
+    net), its loss, optimizer and schedule, resumed from the checkpoint when it is
+    this configuration's."""
+    backend = distributed.backend_for(device) if world.distributed else "one process"
+    dtype = training_dtype(device, params.precision)
+    runtime = runtime_record(device, dtype)
+    log(
+        f"{net}: world size {world.size} ({backend}), {params.batch_size // world.size} "
+        f"images per process per step, global batch {params.batch_size}, "
+        + ", ".join(f"{key} {value}" for key, value in runtime.items())
+    )
+    seed_everything(params.seed)  # the same initial weights on every rank
+    model = build_model(params, net, data.class_names, init_path, log)
+    model.to(device, memory_format=torch.channels_last)
+    criterion = build_criterion(params, data.class_names, model.output_stride)
+    optimizer = build_optimizer(model, params)
+    scheduler = build_scheduler(optimizer, params, data.steps_per_epoch * epochs)
+    datasets = [data.train_set, data.val_set]
+    fingerprint = run_fingerprint(params, net, epochs, datasets, init_path, world.size, runtime)
+    checkpoint_path = out_dir / CHECKPOINT_FILE
+    progress = resume(checkpoint_path, fingerprint, model, optimizer, scheduler, log, runtime)
+    rescale(scheduler, params, progress.history)
+    stepped = distributed.wrap_for_ranks(model, device, world)
+    return _Run(net, model, stepped, criterion, optimizer, scheduler, dtype, runtime,
+                fingerprint, checkpoint_path, progress)  # fmt: skip
 
 
-def _rescale(
-    scheduler: torch.optim.lr_scheduler.LRScheduler, params: TrainParams, history: list[dict]
-) -> bool:
-    """The ``plateau`` schedule's lr for the epochs after ``history`` (others: nothing);
-    whether it dropped."""
-    scale = getattr(scheduler, "lr_lambdas", [None])[0]
-    return isinstance(scale, PlateauScale) and scale.update(history, params, scheduler)
+def _epoch(
+    run: _Run, params: TrainParams, data: TrainingData, epoch: int, device: torch.device,
+    world: distributed.World, log: Callable[[str], None],
+) -> bool:  # fmt: skip
+    """Train and validate epoch ``epoch`` and save the checkpoint; whether the plateau
+    rule ends the stage here."""
+    # Every epoch reseeds from (seed, epoch), so a resumed run draws what an
+    # uninterrupted one would (shuffle order, dropout, loss-sampling masks).
+    epoch_seed = params.seed * 100_003 + epoch
+    torch.manual_seed(distributed.rank_seed(epoch_seed, world.rank))
+    run.criterion.reseed(distributed.rank_seed(epoch_seed, world.rank))
+    loader = train_loader(
+        data.train_set,
+        params.batch_size,
+        seed=epoch_seed,  # the same on every rank: they share the global batches
+        workers=data_workers(data.train_set, params.workers),
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        rank=world.rank,
+        world_size=world.size,
+    )
+    stats = train_one_epoch(run.stepped, run.criterion, run.optimizer, run.scheduler, loader,
+                            device, epoch, hflip=params.hflip, dtype=run.dtype)  # fmt: skip
+    hist = evaluate(run.model, data.val_loader, len(data.class_names), device)
+    history = run.progress.history
+    history.append(epoch_metrics(stats, segmentation_scores(hist)))
+    if best_epoch(history) == epoch:
+        run.progress.best_state = weights_copy(run.model)
+    stop = stopped(params, history)
+    if rescale(run.scheduler, params, history) and not stop:
+        log(
+            f"{run.net}: validation mean IU gained less than {params.plateau_min_gain} in "
+            f"{params.plateau_patience} epochs; lr x {params.plateau_factor} from "
+            f"epoch {epoch + 1}"
+        )
+    if world.main:
+        save_checkpoint(run.checkpoint_path, run.fingerprint, run.model, run.optimizer,
+                        run.scheduler, run.progress, run.runtime)  # fmt: skip
+    distributed.barrier()
+    return stop
 
 
 def _save_models(
@@ -715,10 +428,6 @@ __all__ = [
     "build_criterion",
     "build_model",
     "build_optimizer",
-    "build_scheduler",
-    "evaluate",
-    "poly_factor",
     "run_fingerprint",
-    "train_one_epoch",
     "train_variant",
 ]

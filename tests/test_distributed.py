@@ -19,9 +19,10 @@ from fcn_pipeline.checkpoints import CHECKPOINT_FILE, LAST_MODEL_FILE, MODEL_FIL
 from fcn_pipeline.config import TrainParams
 from fcn_pipeline.data import SegmentationDataset, eval_loader, train_loader
 from fcn_pipeline.distributed import process_group
+from fcn_pipeline.epoch import evaluate
 from fcn_pipeline.evaluation import predict_and_count
 from fcn_pipeline.models import build_fcn
-from fcn_pipeline.training import evaluate, train_variant
+from fcn_pipeline.training import train_variant
 from tests.conftest import REPO, free_port, perturb_weights, predicted_classes, project_env
 
 # --- samplers (no processes) --------------------------------------------------------
@@ -133,10 +134,9 @@ def test_distributed_test_scoring_equals_the_one_process_one_exactly(tiny_data, 
 
 def write_params(tiny_data: Path, tmp_path: Path, name: str, **train) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for group, directory in (("data", "ingested"), ("stats", "stats"), ("patches", "patches")):
+        params[group]["out"] = str(tiny_data / directory)
     params["train"].update(
-        data=str(tiny_data / "ingested"),
-        patches=str(tiny_data / "patches"),
-        stats=str(tiny_data / "stats"),
         out=str(tmp_path / name / "models"),
         live=str(tmp_path / name / "dvclive"),
         width=0.03125,
@@ -225,7 +225,8 @@ def test_two_nodes_on_one_machine_meet_at_a_c10d_rendezvous(tiny_data, tmp_path,
 @pytest.mark.slow  # two processes (torchrun or mp.spawn): 7-30 s each
 def test_a_rank_that_dies_fails_the_stage_with_an_error_not_a_hang(tiny_data, tmp_path, env):
     params = write_params(tiny_data, tmp_path, "killed", nproc_per_node=2)
-    env["FCN_TEST_KILL_RANK"] = "1"
+    env["FCN_TEST_KILL_RANK"] = "1"  # tests/faults/sitecustomize.py: rank 1 dies
+    env["PYTHONPATH"] = f"{REPO / 'tests' / 'faults'}{os.pathsep}{env['PYTHONPATH']}"
     start = time.monotonic()
     status, output = finish(run_train(params, env), timeout=200)
     assert status == 1, output

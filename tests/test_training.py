@@ -19,8 +19,10 @@ from fcn_pipeline.checkpoints import (
 )
 from fcn_pipeline.class_weights import load_class_weights
 from fcn_pipeline.config import ConfigError, TrainParams, parse_params
+from fcn_pipeline.epoch import random_hflip, train_one_epoch
 from fcn_pipeline.errors import CheckpointError, DatasetError, TrainingDivergedError
-from fcn_pipeline.training import build_criterion, poly_factor, train_variant
+from fcn_pipeline.schedules import build_scheduler, poly_factor
+from fcn_pipeline.training import build_criterion, train_variant
 from flows.cli import main as cli_main
 
 
@@ -212,7 +214,7 @@ def one_epoch_setup(tiny_data: Path, tmp_path: Path) -> tuple:
     model = build_fcn("fcn32s", dataset.num_classes, width=params.width)
     criterion = build_criterion(params, dataset.meta.class_names, model.output_stride)
     optimizer = training.build_optimizer(model, params)
-    scheduler = training.build_scheduler(optimizer, params, len(loader))
+    scheduler = build_scheduler(optimizer, params, len(loader))
     return model, criterion, optimizer, scheduler, loader
 
 
@@ -223,7 +225,7 @@ def test_reading_the_loss_every_few_steps_changes_nothing(tiny_data, tmp_path):
     for every in (1, 3):
         model, criterion, optimizer, scheduler, loader = one_epoch_setup(tiny_data, tmp_path)
         assert len(loader) == 4  # a read after step 3, and the last one at the end
-        stats = training.train_one_epoch(
+        stats = train_one_epoch(
             model, criterion, optimizer, scheduler, loader, torch.device("cpu"), 1,
             loss_check_steps=every,
         )  # fmt: skip
@@ -242,7 +244,7 @@ def test_a_late_read_of_the_loss_still_names_the_first_nan_step(tiny_data, tmp_p
         return loss * float("nan") if len(calls) == 3 else loss
 
     with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 2 \(epoch 1, batch 2\)"):
-        training.train_one_epoch(
+        train_one_epoch(
             model, poisoned, optimizer, scheduler, loader, torch.device("cpu"), 1,
             loss_check_steps=4,
         )  # fmt: skip
@@ -305,7 +307,7 @@ def test_hflip_mirrors_each_image_with_its_own_mask():
     torch.manual_seed(0)
     images = torch.arange(64 * 3 * 2 * 5, dtype=torch.float32).reshape(64, 3, 2, 5)
     masks = torch.arange(64 * 2 * 5).reshape(64, 2, 5) % 7
-    flipped_images, flipped_masks = training.random_hflip(images, masks)
+    flipped_images, flipped_masks = random_hflip(images, masks)
     mirrored = [torch.equal(flipped_images[i], images[i].flip(-1)) for i in range(64)]
     for i in range(64):
         expected = masks[i].flip(-1) if mirrored[i] else masks[i]
@@ -531,7 +533,7 @@ def test_the_poly_schedule_decays_the_learning_rate_of_every_step(tiny_data, tmp
     # `lr` is the rate of each epoch's last step: step k of 2 * steps runs at
     # lr * (1 - k / total) ** 0.9.
     for epoch, metrics in enumerate(result.history, start=1):
-        expected = 0.01 * training.poly_factor(epoch * steps - 1, 2 * steps, 0.9)
+        expected = 0.01 * poly_factor(epoch * steps - 1, 2 * steps, 0.9)
         assert metrics["lr"] == pytest.approx(expected, rel=1e-6)
     fixed_params = tiny_params(tiny_data, tmp_path / "f", schedule="fixed", lr=0.01)
     fixed = train_variant(fixed_params, "fcn32s", 1)
