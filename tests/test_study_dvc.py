@@ -64,12 +64,20 @@ def exp_refs(project: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(project_copy):
+    """In two lanes (``--jobs 2``); a rerun skips them all, one removed is run again
+    alone, in the project (one at a time)."""
     env = project_env()
     tiny_project(project_copy)
     write_study(project_copy, "tiny", TINY_STUDY)
     params_before = (project_copy / "params.yaml").read_bytes()
-    run = study(project_copy, env)
+    run = study(project_copy, env, "tiny", "--jobs", "2")
     assert run.returncode == 0, run.stdout + run.stderr
+    output = run.stdout + run.stderr
+    assert "4 experiments, 2 at a time" in output and "'OMP_NUM_THREADS'" in output
+    # Each finished experiment counts as run, none as failed (a task state read too
+    # early once logged finished experiments as failed).
+    assert "study tiny: ran 4, skipped 0" in output and "failed in lane" not in output
+    assert lanes_beside(project_copy) == []  # every experiment is the project's now
     refs = exp_refs(project_copy)
     assert sorted(refs) == RUNS
     shown = subprocess.run(
@@ -134,6 +142,13 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(pro
     after = exp_refs(project_copy)
     assert sorted(after) == RUNS and all(after[name] == refs[name] for name in RUNS[:-1])
 
+    # The models of a lane's experiment are in the project's DVC cache: it applies here.
+    applied = subprocess.run(
+        ["dvc", "exp", "apply", RUNS[0]], cwd=project_copy, env=env, capture_output=True, text=True
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert (project_copy / "models" / "fcn8s" / "model.pt").stat().st_size > 0
+
 
 @pytest.mark.parametrize(
     ("content", "named"),
@@ -165,40 +180,6 @@ def test_bad_study_file_is_refused_before_any_experiment(project_copy, content, 
 
 def lanes_beside(project: Path) -> list[Path]:
     return sorted(project.parent.glob(f".{project.name}.study-lane-*"))
-
-
-@pytest.mark.slow
-def test_jobs_two_runs_the_experiments_in_lanes_and_the_project_lists_them(project_copy):
-    env = project_env()
-    tiny_project(project_copy)
-    write_study(project_copy, "tiny", TINY_STUDY)
-    params_before = (project_copy / "params.yaml").read_bytes()
-    run = study(project_copy, env, "tiny", "--jobs", "2")
-    assert run.returncode == 0, run.stdout + run.stderr
-    output = run.stdout + run.stderr
-    assert "4 experiments, 2 at a time" in output and "'OMP_NUM_THREADS'" in output
-    # Each finished experiment counts as run, none as failed (a task state read too
-    # early once logged finished experiments as failed).
-    assert "study tiny: ran 4, skipped 0" in output and "failed in lane" not in output
-    # Every experiment is the project's now, under its HEAD; the lanes are gone.
-    assert sorted(exp_refs(project_copy)) == RUNS
-    assert lanes_beside(project_copy) == []
-    assert (project_copy / "params.yaml").read_bytes() == params_before
-    results = json.loads((project_copy / "reports" / "tiny" / "results.json").read_text())
-    assert [r["name"] for r in results["runs"]] == RUNS
-    assert all(0.0 <= r["metrics"]["mean_iu"] <= 1.0 for r in results["runs"])
-    assert all(r["curve"]["images_seen"] == [4, 8, 12] for r in results["runs"])
-    # The models of a lane's experiment are in the project's DVC cache: it applies here.
-    applied = subprocess.run(
-        ["dvc", "exp", "apply", RUNS[-1]], cwd=project_copy, env=env, capture_output=True, text=True
-    )
-    assert applied.returncode == 0, applied.stderr
-    assert (project_copy / "models" / "fcn8s" / "model.pt").stat().st_size > 0
-    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=project_copy, check=True)
-
-    again = study(project_copy, env, "tiny", "--jobs", "2")
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert (again.stdout + again.stderr).count("already in dvc exp show, skipped") == 4
 
 
 def test_jobs_two_refuses_uncommitted_tracked_changes_before_any_lane(project_copy):
