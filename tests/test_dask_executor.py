@@ -234,10 +234,8 @@ def test_cli_without_a_prefect_server_runs_one_temporary_api(tmp_path):
     data = ingest(DataParams(shard_size=SHARD_SIZE, synthetic=TINY, workers=1), tmp_path / "d").out
     expected = compute_stats(StatsParams(data=str(data), workers=1), tmp_path / "expected").out
     params_file = tmp_path / "params.yaml"
-    stats = {"data": str(data), "out": str(tmp_path / "stats")}
-    params_file.write_text(
-        yaml.safe_dump({"stats": stats, "executor": {"kind": "dask", "workers": 2}})
-    )
+    groups = {"data": {"out": str(data)}, "stats": {"out": str(tmp_path / "stats")}}
+    params_file.write_text(yaml.safe_dump({**groups, "executor": {"kind": "dask", "workers": 2}}))
     env = project_env()
     env["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "true"  # the Dask path's own server
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # its own database
