@@ -76,3 +76,25 @@ def test_the_default_run_table_is_the_committed_metrics():
             metrics = json.loads((REPO / "metrics" / f"fcn{stride}s.json").read_text())
             expected = [metrics[c] for c in columns] + list(metrics["per_class_iu"].values())
             assert cells == [round(v, 3) for v in expected], (page.name, stride)
+
+
+def test_the_converged_upsampling_table_is_the_committed_study():
+    """docs/results.md's table of the converged upsampling study is read back from
+    reports/upsample_converged/results.json (mean +- sample std over the seeds)."""
+    import json
+    import statistics
+
+    section = (REPO / "docs" / "results.md").read_text().split("### At convergence", 1)[1]
+    results = json.loads((REPO / "reports" / "upsample_converged" / "results.json").read_text())
+    for setting in ("frozen", "learned", "interp"):
+        runs = [r for r in results["runs"] if r["setting_name"] == setting]
+        values = [
+            [r["metrics"]["mean_iu"] for r in runs],
+            [r["metrics"]["pixel_acc"] for r in runs],
+            [r["metrics"]["per_class_iu"]["pole"] for r in runs],
+            [r["metrics"]["large_object"]["dominant_class_iu"] for r in runs],
+        ]
+        cells = [f"{statistics.mean(v):.3f} +- {statistics.stdev(v):.3f}" for v in values]
+        cells.append(", ".join(str(r["curve"]["stage_epochs"][-1]) for r in runs))
+        cells.append(f"{sum(r['converged'] for r in runs)}/{len(runs)}")
+        assert f"| {setting} | {' | '.join(cells)} |" in section, setting
