@@ -98,3 +98,72 @@ def test_the_converged_upsampling_table_is_the_committed_study():
         cells.append(", ".join(str(r["curve"]["stage_epochs"][-1]) for r in runs))
         cells.append(f"{sum(r['converged'] for r in runs)}/{len(runs)}")
         assert f"| {setting} | {' | '.join(cells)} |" in section, setting
+
+
+def _table_rows(section: str) -> list[list[str]]:
+    """The data rows of the first markdown table in ``section``, as cells."""
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def _section(page: str, heading: str) -> str:
+    text = (REPO / "docs" / page).read_text()
+    return text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+
+
+def _pm(values: list, digits: int = 3, scale: float = 1.0) -> str:
+    import statistics
+
+    values = [scale * v for v in values]
+    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
+
+
+# Each study table of docs/results.md: its heading, its report, the settings of its rows in
+# order, and each column's cell computed from the runs of a setting.
+STUDY_TABLES = {
+    "Question 1: learned, frozen or plain-interpolation upsampling?": (
+        "upsample", ["frozen", "learned", "interp"],
+        [lambda rs, net=net: _pm([r["stage_mean_iu"][net] for r in rs])
+         for net in ("fcn32s", "fcn16s")]
+        + [lambda rs: _pm([r["metrics"]["mean_iu"] for r in rs]),
+           lambda rs: _pm([r["metrics"]["large_object"]["mean_iu"] for r in rs]),
+           lambda rs: _pm([r["metrics"]["large_object"]["dominant_class_iu"] for r in rs]),
+           lambda rs: _pm([r["metrics"]["per_class_iu"]["pole"] for r in rs])],
+    ),
+    "Question 2: whole images, loss weights, loss sampling or patches?": (
+        "whole_vs_patch",
+        ["whole", "whole_weighted", "sampled_p50", "sampled_p25", "patch_balanced",
+         "patch_uniform", "patch_uniform_weighted"],
+        [lambda rs: _pm([r["metrics"]["mean_iu"] for r in rs])]
+        + [lambda rs, c=c: _pm([r["metrics"]["per_class_iu"][c] for r in rs])
+           for c in ("bus", "triangle", "pole")]
+        + [lambda rs: _pm([r["metrics"]["large_object"]["mean_iu"] for r in rs]),
+           lambda rs: _pm([r["metrics"]["large_object"]["dominant_class_iu"] for r in rs]),
+           lambda rs: _pm([r["to_target"]["epochs"] for r in rs], 2),
+           lambda rs: _pm([r["train_minutes"] for r in rs], 1)],
+    ),
+    "CamVid: class weights and class-balanced patches on real scenes": (
+        "camvid", ["whole", "whole_weighted", "patch_balanced"],
+        [lambda rs, k=k: _pm([r["metrics"][k] for r in rs], 1, 100.0)
+         for k in ("pixel_acc", "mean_acc", "mean_iu")]
+        + [lambda rs, c=c: f"{100 * sum(r['metrics']['per_class_iu'][c] for r in rs) / len(rs):.1f}"
+           for c in ("Road", "Building", "Sky", "Tree", "Car", "Pole", "SignSymbol",
+                     "Pedestrian", "Bicyclist")],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("heading", sorted(STUDY_TABLES))
+def test_the_short_budget_study_tables_are_the_committed_reports(heading):
+    """Each study table of docs/results.md is read back from its committed
+    reports/<study>/results.json, cell by cell, not trusted as typed."""
+    import json
+
+    study, settings, columns = STUDY_TABLES[heading]
+    results = json.loads((REPO / "reports" / study / "results.json").read_text())
+    rows = _table_rows(_section("results.md", heading))
+    assert len(rows) >= len(settings)
+    for setting, row in zip(settings, rows, strict=False):
+        runs = [r for r in results["runs"] if r["setting_name"] == setting]
+        assert len(runs) >= 3, setting
+        assert row[1 : 1 + len(columns)] == [column(runs) for column in columns], setting
