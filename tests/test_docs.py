@@ -167,3 +167,46 @@ def test_the_short_budget_study_tables_are_the_committed_reports(heading):
         runs = [r for r in results["runs"] if r["setting_name"] == setting]
         assert len(runs) >= 3, setting
         assert row[1 : 1 + len(columns)] == [column(runs) for column in columns], setting
+
+
+def _plain(cell: str) -> str:
+    """A table cell without bold and without a trailing remark in parentheses."""
+    return cell.replace("**", "").split(" (")[0].strip()
+
+
+def test_the_recipe_table_is_the_committed_benchmark():
+    """docs/results.md's recipe table against bench_recipes.json: images/s, the ratio to
+    the first recipe, epochs in the budget and the last validation mean IU."""
+    import json
+
+    figures = REPO / "benchmarks" / "results" / "recipes-2026-12-04" / "bench_recipes.json"
+    bench = json.loads(figures.read_text())
+    order = ["today", "b2-preload", "b2-preload-bf16", "b8-bf16", "b16-fp32", "b16-bf16",
+             "b16-bf16-lr3e-3", "b32-bf16"]  # fmt: skip
+    rows = _table_rows(_section("results.md", "What the default recipe is made of"))
+    assert len(rows) == len(order)
+    for name, row in zip(order, rows, strict=True):
+        speed = bench["speed"][name]
+        expected = [f"{speed:.1f}", f"{speed / bench['speed']['today']:.2f}"]
+        accuracy = bench["accuracy"].get(name)
+        if accuracy:
+            expected += [" / ".join(str(n) for n in accuracy["epochs"].values()),
+                         f"{accuracy['val_mean_iu_last']:.3f}"]  # fmt: skip
+        else:
+            expected += ["", ""]
+        assert [_plain(cell) for cell in row[1:5]] == expected, name
+
+
+def test_the_gpu_kernel_table_is_the_committed_run():
+    """docs/gpu.md's table of the kernel changes against that run's kernels.json."""
+    import json
+
+    run = REPO / "benchmarks" / "results" / "gpu-kernels-2026-11-27-h200" / "kernels.json"
+    kernels = json.loads(run.read_text())["kernels"]
+    text = (REPO / "docs" / "gpu.md").read_text()
+    section = text[text.index("| changes, added in turn") :]
+    rows = _table_rows(section)[: len(kernels)]
+    for case, row in zip(kernels, rows, strict=True):
+        expected = [f"{case['images_per_second']:.1f}", f"{case['speedup_vs_before']:.2f}x",
+                    f"{100 * case['data_wait_share']:.0f} %"]  # fmt: skip
+        assert row[1:4] == expected, case["case"]
