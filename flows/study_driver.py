@@ -249,8 +249,9 @@ def collect_results(project_dir: str, study: Study, logger: Logger) -> dict[str,
         if not metrics:
             raise RuntimeError(f"experiment {run.name}: no {run.metrics_path} in dvc exp show")
         curve = read_curve(project_dir, entry["rev"], run)
-        runs.append(run_record(run, metrics, curve, stages, study.spec.target_val_mean_iu))
-        logger.info("%s: mean IU %s", run.name, runs[-1]["metrics"]["mean_iu"])
+        record = run_record(run, metrics, curve, stages, study.spec.target_val_mean_iu)
+        runs.append(record.to_json())
+        logger.info("%s: mean IU %s", run.name, record.metrics.mean_iu)
     formats = sorted({run.params.data.format for run in study.runs})
     return {
         "study": study.name,

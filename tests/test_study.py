@@ -14,6 +14,7 @@ from fcn_pipeline.convergence import converged, flat_gain
 from fcn_pipeline.errors import ConfigError
 from fcn_pipeline.evaluation import large_object_scores
 from fcn_pipeline.study import (
+    RunRecord,
     aggregate,
     compare,
     holm,
@@ -186,11 +187,13 @@ def test_time_to_target_is_aggregated_reported_and_compared_only_when_all_reache
         run("slow", s, 200 + 2 * s) for s in range(3)
     ]
     runs += [run("never", 0, None), run("never", 1, 300), run("never", 2, 310)]
-    summary = aggregate(runs, ["fast", "slow", "never"])
+    summary = aggregate(records(runs), ["fast", "slow", "never"])
     assert summary["fast"]["epochs_to_target"] == (101.0, 1.0, 3)
     assert summary["fast"]["images_to_target"] == (1010.0, 10.0, 3)
     assert summary["never"]["epochs_to_target"][2] == 2  # the run that never got there is out
-    fast_slow, fast_never = compare(runs, [("fast", "slow"), ("fast", "never")], "epochs_to_target")
+    fast_slow, fast_never = compare(
+        records(runs), [("fast", "slow"), ("fast", "never")], "epochs_to_target"
+    )
     assert fast_slow["difference"] == pytest.approx(-101.0) and fast_slow["p"] < 0.001
     assert fast_never["p"] is None and not fast_never["exceeds_seed_spread"]
 
@@ -206,6 +209,10 @@ def test_time_to_target_is_aggregated_reported_and_compared_only_when_all_reache
         "| fast | never | epochs_to_target | - | - | - | - | - | - | n/a (a run never reached"
         in (report)
     )
+
+
+def records(entries: list[dict]) -> list[RunRecord]:
+    return [RunRecord.from_json(entry) for entry in entries]
 
 
 def fake_run(setting, seed, mean_iu, pole):
@@ -239,13 +246,13 @@ def test_aggregate_compare_and_report_files(tmp_path):
         fake_run("frozen", 2, 0.51, 0.3), fake_run("interp", 0, 0.40, 0.2),
         fake_run("interp", 1, 0.41, 0.2), fake_run("interp", 2, 0.42, 0.2),
     ]  # fmt: skip
-    summary = aggregate(runs, ["frozen", "interp"])
+    summary = aggregate(records(runs), ["frozen", "interp"])
     mean, std, n = summary["frozen"]["mean_iu"]
     assert (mean, n) == (pytest.approx(0.51), 3) and std == pytest.approx(0.01)
     pole_mean, pole_std, _ = summary["frozen"]["per_class_iu"]["pole"]  # one seed has no pole
     assert (pole_mean, pole_std) == (pytest.approx(0.2), pytest.approx(math.sqrt(0.02)))
     assert summary["interp"]["train_minutes"][0] == pytest.approx(2.0)
-    [comparison] = compare(runs, [("frozen", "interp")])
+    [comparison] = compare(records(runs), [("frozen", "interp")])
     assert comparison["difference"] == pytest.approx(0.10)
     assert comparison["exceeds_seed_spread"] and comparison["p"] < 0.001
 
@@ -324,13 +331,13 @@ def test_report_counts_converged_runs_and_marks_comparisons_with_unconverged_one
     for run in runs:  # frozen flat, interp still rising
         run["converged"] = run["setting_name"] == "frozen"
         run["epochs_run"] = 10
-    summary = aggregate(runs, ["frozen", "interp"])
+    summary = aggregate(records(runs), ["frozen", "interp"])
     assert summary["frozen"]["converged"] == 3 and summary["interp"]["converged"] == 0
-    [row] = compare(runs, [("frozen", "interp")])
+    [row] = compare(records(runs), [("frozen", "interp")])
     assert row["unconverged_runs"] == 3
     flat_only = [r for r in runs if r["setting_name"] == "frozen"]
     flat_only += [dict(r, setting_name="other", converged=True) for r in flat_only]
-    assert compare(flat_only, [("frozen", "other")])[0]["unconverged_runs"] == 0
+    assert compare(records(flat_only), [("frozen", "other")])[0]["unconverged_runs"] == 0
     results = {"study": "c", "dataset": "synthetic", "variant": "fcn8s", "runs": runs}
     report = write_report(tmp_path / "c", results, [("frozen", "interp")]) / "report.md"
     text = report.read_text()
@@ -355,3 +362,25 @@ def test_a_staged_run_is_judged_on_its_scored_nets_own_epochs():
     # All 30 epochs: windows of 6 reach back before FCN-8s's plateau (0.8 against 0.665).
     assert not converged(curve["val_mean_iu"])
     assert scored_curve({"val_mean_iu": [0.1, 0.2]}) == [0.1, 0.2]  # no stage_epochs
+
+
+def test_a_run_record_reads_back_what_it_writes_and_older_entries():
+    """results.json entries are RunRecord.to_json(); from_json reads them back equal,
+    and reads an entry written before epochs_run/converged/to_target existed."""
+    record = RunRecord.from_json(fake_run("frozen", 1, 0.5, 0.2))
+    assert RunRecord.from_json(record.to_json()) == record
+    assert record.metrics.large_object.mean_iu == 0.25 and record.seed == 1
+    assert record.converged is None and record.to_target is None
+    assert "to_target" not in record.to_json()  # a study without a target has none
+    assert list(record.to_json())[-1] == "curve"
+
+
+def test_a_committed_report_regenerates_byte_identical(tmp_path):
+    """reports/upsample_converged/ written again from its results.json: the same
+    results.json and report.md, byte for byte."""
+    committed = REPO / "reports" / "upsample_converged"
+    results = json.loads((committed / "results.json").read_text())
+    pairs = load_study(REPO / "studies" / "upsample.yaml", PARAMS).comparisons
+    out = write_report(tmp_path / "again", results, pairs)
+    for name in ("results.json", "report.md"):
+        assert (out / name).read_bytes() == (committed / name).read_bytes(), name

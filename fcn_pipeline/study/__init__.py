@@ -21,7 +21,13 @@ Example::
 """
 
 from fcn_pipeline.study.plan import STAGED, RunSpec, Study, StudyFile, load_study
-from fcn_pipeline.study.records import run_record, to_target, training_curve, tsv_column
+from fcn_pipeline.study.records import (
+    RunRecord,
+    run_record,
+    to_target,
+    training_curve,
+    tsv_column,
+)
 from fcn_pipeline.study.report import report_markdown, write_report
 from fcn_pipeline.study.statistics import (
     aggregate,
@@ -35,6 +41,7 @@ from fcn_pipeline.study.statistics import (
 
 __all__ = [
     "STAGED",
+    "RunRecord",
     "RunSpec",
     "Study",
     "StudyFile",

@@ -4,6 +4,7 @@ reached a target, and its record in ``results.json``."""
 import csv
 import io
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from fcn_pipeline.convergence import converged, flat_gain
@@ -74,45 +75,129 @@ def to_target(curve: dict[str, list[float]], target: float) -> dict[str, float |
     return dict.fromkeys(TARGET_UNITS)
 
 
+@dataclass(frozen=True)
+class LargeObject:
+    """The scores of the images where one object covers most of the labelled pixels."""
+
+    images: int = 0
+    mean_iu: float | None = None
+    dominant_class_iu: float | None = None
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    """The scored net's test metrics (``metrics/<variant>.json``, as a study keeps them)."""
+
+    mean_iu: float | None = None
+    pixel_acc: float | None = None
+    mean_acc: float | None = None
+    fw_iu: float | None = None
+    per_class_iu: dict[str, float | None] = field(default_factory=dict)
+    large_object: LargeObject = field(default_factory=LargeObject)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run of a study: one entry of ``results.json``'s ``runs``. Records written
+    before a field existed read it as None (``epochs_run``, ``converged``, ...)."""
+
+    name: str
+    setting: dict[str, Any]
+    setting_name: str
+    seed: int
+    metrics: RunMetrics
+    curve: dict[str, list]
+    stage_mean_iu: dict[str, float | None] = field(default_factory=dict)
+    train_minutes: float = 0.0
+    epochs_run: int | None = None
+    converged: bool | None = None
+    flat_gain: float | None = None
+    flat_gain_all_epochs: float | None = None
+    to_target: dict[str, float | None] | None = None  # only with a study target
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``results.json`` entry (``to_target`` only when the study has a target)."""
+        large = self.metrics.large_object
+        extra = {} if self.to_target is None else {"to_target": self.to_target}
+        return {
+            "name": self.name, "setting": self.setting, "setting_name": self.setting_name,
+            "seed": self.seed,
+            "metrics": {
+                "mean_iu": self.metrics.mean_iu, "pixel_acc": self.metrics.pixel_acc,
+                "mean_acc": self.metrics.mean_acc, "fw_iu": self.metrics.fw_iu,
+                "per_class_iu": self.metrics.per_class_iu,
+                "large_object": {"images": large.images, "mean_iu": large.mean_iu,
+                                 "dominant_class_iu": large.dominant_class_iu},
+            },
+            "stage_mean_iu": self.stage_mean_iu, "train_minutes": self.train_minutes,
+            "epochs_run": self.epochs_run, "converged": self.converged,
+            "flat_gain": self.flat_gain, "flat_gain_all_epochs": self.flat_gain_all_epochs,
+            **extra, "curve": self.curve,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> "RunRecord":
+        """A ``results.json`` entry, of this version or an earlier one."""
+        metrics = entry.get("metrics") or {}
+        large = metrics.get("large_object") or {}
+        return cls(
+            name=entry["name"], setting=entry.get("setting") or {},
+            setting_name=entry["setting_name"], seed=entry["seed"],
+            metrics=RunMetrics(
+                **{k: metrics.get(k) for k in ("mean_iu", "pixel_acc", "mean_acc", "fw_iu")},
+                per_class_iu=metrics.get("per_class_iu") or {},
+                large_object=LargeObject(int(large.get("images") or 0), large.get("mean_iu"),
+                                         large.get("dominant_class_iu")),
+            ),
+            curve=entry.get("curve") or {}, stage_mean_iu=entry.get("stage_mean_iu") or {},
+            train_minutes=entry.get("train_minutes") or 0.0,
+            epochs_run=entry.get("epochs_run"), converged=entry.get("converged"),
+            flat_gain=entry.get("flat_gain"),
+            flat_gain_all_epochs=entry.get("flat_gain_all_epochs"),
+            to_target=entry.get("to_target"),
+        )  # fmt: skip
+
+
 def run_record(
     run: RunSpec,
     metrics: dict[str, Any],
     curve: dict[str, list[float]],
     stages: dict[str, dict[str, Any]] | None = None,
     target: float | None = None,
-) -> dict:
-    """One entry of ``results.json``'s ``runs`` (metrics as ``metrics/<variant>.json``;
-    ``stages``: each staged net's ``metrics/<net>.json`` of the run, scored the same way,
-    of which ``stage_mean_iu`` keeps the mean IU; with ``target``, ``to_target`` holds
-    the images and minutes until the validation mean IU first reached it)."""
+) -> RunRecord:
+    """One run's record (metrics as ``metrics/<variant>.json``; ``stages``: each staged
+    net's ``metrics/<net>.json`` of the run, scored the same way, of which
+    ``stage_mean_iu`` keeps the mean IU; with ``target``, ``to_target`` holds the
+    epochs, images and minutes until the validation mean IU first reached it)."""
     large = metrics.get("large_object") or {}
-    extra = {} if target is None else {"to_target": to_target(curve, target)}
-    return {
-        "name": run.name,
-        "setting": run.setting,
-        "setting_name": run.setting_name,
-        "seed": run.seed,
-        "metrics": {
-            **{key: _number(metrics.get(key)) for key in ("mean_iu", "pixel_acc", "mean_acc")},
-            "fw_iu": _number(metrics.get("fw_iu")),
-            "per_class_iu": {k: _number(v) for k, v in (metrics.get("per_class_iu") or {}).items()},
-            "large_object": {
-                "images": int(large.get("images") or 0),
-                "mean_iu": _number(large.get("mean_iu")),
-                "dominant_class_iu": _number(large.get("dominant_class_iu")),
+    return RunRecord(
+        name=run.name,
+        setting=run.setting,
+        setting_name=run.setting_name,
+        seed=run.seed,
+        metrics=RunMetrics(
+            **{
+                key: _number(metrics.get(key))
+                for key in ("mean_iu", "pixel_acc", "mean_acc", "fw_iu")
             },
-        },
-        "stage_mean_iu": {
+            per_class_iu={k: _number(v) for k, v in (metrics.get("per_class_iu") or {}).items()},
+            large_object=LargeObject(
+                int(large.get("images") or 0),
+                _number(large.get("mean_iu")),
+                _number(large.get("dominant_class_iu")),
+            ),
+        ),
+        curve=curve,
+        stage_mean_iu={
             net: _number(scores.get("mean_iu")) for net, scores in (stages or {}).items()
         },
-        "train_minutes": curve["minutes"][-1] if curve["minutes"] else 0.0,
-        "epochs_run": len(curve["val_mean_iu"]),
-        "converged": converged(scored_curve(curve)),
-        "flat_gain": flat_gain(scored_curve(curve)),
-        "flat_gain_all_epochs": flat_gain(curve["val_mean_iu"]),
-        **extra,
-        "curve": curve,
-    }
+        train_minutes=curve["minutes"][-1] if curve["minutes"] else 0.0,
+        epochs_run=len(curve["val_mean_iu"]),
+        converged=converged(scored_curve(curve)),
+        flat_gain=flat_gain(scored_curve(curve)),
+        flat_gain_all_epochs=flat_gain(curve["val_mean_iu"]),
+        to_target=None if target is None else to_target(curve, target),
+    )
 
 
 def _number(value: Any) -> float | None:

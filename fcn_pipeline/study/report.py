@@ -10,7 +10,7 @@ import numpy as np
 from fcn_pipeline.atomic import atomic_output_dir
 from fcn_pipeline.convergence import FLAT_RULE
 from fcn_pipeline.markdown import cell
-from fcn_pipeline.study.records import LARGE_OBJECT_METRICS
+from fcn_pipeline.study.records import LARGE_OBJECT_METRICS, RunRecord
 from fcn_pipeline.study.statistics import ALPHA, TEST_NAME, aggregate, compare, compare_classes
 
 # --- the report ----------------------------------------------------------------------
@@ -48,12 +48,13 @@ def report_markdown(
     results: dict, summary: dict, comparisons: list[dict], per_class: list[dict] | None = None
 ) -> str:
     """``report.md``: per setting mean ± std over seeds, per-class IU, the comparisons."""
+    runs = [RunRecord.from_json(entry) for entry in results["runs"]]
     lines = [f"# Study `{results['study']}`", ""]
     lines += [f"- dataset: {results['dataset']}; variant scored: {results['variant']}"]
-    lines += [f"- runs: {len(results['runs'])} ({len(summary)} settings x seeds)"]
+    lines += [f"- runs: {len(runs)} ({len(summary)} settings x seeds)"]
     lines += ["- ± is the sample standard deviation over seeds (n - 1)"]
     lines += [f"- converged: {FLAT_RULE}", ""]
-    lines += _settings_table(results, summary)
+    lines += _settings_table(runs, summary)
     lines += _staged_nets_table(summary)
     lines += _time_to_target_table(results.get("target_val_mean_iu"), summary)
     lines += _per_class_table(summary)
@@ -83,13 +84,13 @@ COMPARISONS_TEXT = (
 )
 
 
-def _settings_table(results: dict, summary: dict) -> list[str]:
+def _settings_table(runs: list[RunRecord], summary: dict) -> list[str]:
     lines = ["| setting | overrides | seeds | mean IU | pixel acc. | mean (class) acc. "
              "| large-object images | large-object mean IU | dominant-class IU | train minutes "
              "| epochs | converged |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, row in summary.items():
-        setting = next((r["setting"] for r in results["runs"] if r["setting_name"] == name), {})
+        setting = next((r.setting for r in runs if r.setting_name == name), {})
         overrides = ", ".join(f"`{k}={v}`" for k, v in setting.items()) or "(base)"
         lines.append(
             f"| {name} | {overrides} | {len(row['seeds'])} | {_pm(row['mean_iu'])} "
@@ -180,24 +181,24 @@ def plot_per_class(path: Path, summary: dict) -> None:
     plt.close(fig)
 
 
-def plot_curves(path: Path, runs: list[dict], x_key: str, x_label: str) -> None:
+def plot_curves(path: Path, runs: list[RunRecord], x_key: str, x_label: str) -> None:
     """Validation mean IU per epoch against ``x_key``: one line per run, one colour per setting."""
     plt = _pyplot()
-    settings = list(dict.fromkeys(r["setting_name"] for r in runs))
+    settings = list(dict.fromkeys(r.setting_name for r in runs))
     colors = {s: f"C{i % 10}" for i, s in enumerate(settings)}
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
-        curve = run.get("curve") or {}
+        curve = run.curve
         label = (
-            run["setting_name"]
-            if run is next(r for r in runs if r["setting_name"] == run["setting_name"])
+            run.setting_name
+            if run is next(r for r in runs if r.setting_name == run.setting_name)
             else None
         )
         ax.plot(
             curve.get(x_key, []),
             curve.get("val_mean_iu", []),
             marker=".",
-            color=colors[run["setting_name"]],
+            color=colors[run.setting_name],
             label=label,
             alpha=0.8,
         )
@@ -210,36 +211,36 @@ def plot_curves(path: Path, runs: list[dict], x_key: str, x_label: str) -> None:
 
 
 def write_report(out: str | Path, results: dict, pairs: list[tuple[str, str]]) -> Path:
-    """Write ``results.json``, ``report.md`` and the PNGs into ``out`` atomically."""
-    settings = list(dict.fromkeys(r["setting_name"] for r in results["runs"]))
-    summary = aggregate(results["runs"], settings)
+    """Write ``results.json`` (``results`` as given: its ``runs`` are
+    :meth:`RunRecord.to_json` entries), ``report.md`` and the PNGs into ``out`` atomically."""
+    runs = [RunRecord.from_json(entry) for entry in results["runs"]]
+    settings = list(dict.fromkeys(r.setting_name for r in runs))
+    summary = aggregate(runs, settings)
     comparisons = [
         row for metric in ("mean_iu", "pixel_acc", "mean_acc", *LARGE_OBJECT_METRICS)
-        for row in compare(results["runs"], pairs, metric)
+        for row in compare(runs, pairs, metric)
     ]  # fmt: skip
     scored = results.get("variant")
-    nets = dict.fromkeys(n for r in results["runs"] for n in r.get("stage_mean_iu", {}))
+    nets = dict.fromkeys(n for r in runs for n in r.stage_mean_iu)
     for net in (n for n in nets if n != scored):
-        comparisons += compare(results["runs"], pairs, stage=net)
+        comparisons += compare(runs, pairs, stage=net)
     if results.get("target_val_mean_iu") is not None:
-        comparisons += compare(results["runs"], pairs, "epochs_to_target")
-    per_class = compare_classes(results["runs"], pairs)
+        comparisons += compare(runs, pairs, "epochs_to_target")
+    per_class = compare_classes(runs, pairs)
     with atomic_output_dir(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "report.md").write_text(report_markdown(results, summary, comparisons, per_class))
         plot_per_class(tmp / "per_class_iu.png", summary)
         plot_curves(
             tmp / "val_mean_iu_vs_images.png",
-            results["runs"],
+            runs,
             "images_seen",
             "training images seen (patches in patch mode)",
         )
-        plot_curves(
-            tmp / "val_mean_iu_vs_minutes.png", results["runs"], "minutes", "training minutes"
-        )
+        plot_curves(tmp / "val_mean_iu_vs_minutes.png", runs, "minutes", "training minutes")
         plot_curves(
             tmp / "val_mean_iu_vs_epochs.png",
-            results["runs"],
+            runs,
             "epochs",
             "training epochs (passes over the train split, FCN-32s -> 16s -> 8s)",
         )

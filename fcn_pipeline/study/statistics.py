@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from fcn_pipeline.study.records import LARGE_OBJECT_METRICS, TARGET_UNITS
+from fcn_pipeline.study.records import LARGE_OBJECT_METRICS, TARGET_UNITS, RunRecord
 
 ALPHA = 0.05  # two-sided significance level of the comparisons
 TEST_NAME = "Welch's two-sample t-test (unequal variances), two-sided"
@@ -58,57 +58,58 @@ def holm(pvalues: list[float | None]) -> list[float | None]:
     return adjusted
 
 
-def aggregate(runs: list[dict], settings: list[str]) -> dict[str, dict[str, Any]]:
+def aggregate(runs: list[RunRecord], settings: list[str]) -> dict[str, dict[str, Any]]:
     """Per setting: mean, std and count over its seeds of mean IU, per-class IU, the
     large-object scores and training minutes (each as ``[mean, std, n]``)."""
     summary: dict[str, dict[str, Any]] = {}
     for setting in settings:
-        mine = [r for r in runs if r["setting_name"] == setting]
-        metrics = [r["metrics"] for r in mine]
-        classes = list(dict.fromkeys(c for m in metrics for c in m["per_class_iu"]))
+        mine = [r for r in runs if r.setting_name == setting]
+        metrics = [r.metrics for r in mine]
+        classes = list(dict.fromkeys(c for m in metrics for c in m.per_class_iu))
         summary[setting] = {
-            "seeds": [r["seed"] for r in mine],
-            "mean_iu": mean_std([m["mean_iu"] for m in metrics]),
-            "pixel_acc": mean_std([m["pixel_acc"] for m in metrics]),
-            "mean_acc": mean_std([m["mean_acc"] for m in metrics]),
+            "seeds": [r.seed for r in mine],
+            "mean_iu": mean_std([m.mean_iu for m in metrics]),
+            "pixel_acc": mean_std([m.pixel_acc for m in metrics]),
+            "mean_acc": mean_std([m.mean_acc for m in metrics]),
             "per_class_iu": {
-                c: mean_std([m["per_class_iu"].get(c) for m in metrics]) for c in classes
+                c: mean_std([m.per_class_iu.get(c) for m in metrics]) for c in classes
             },
-            "large_object_images": mean_std([m["large_object"]["images"] for m in metrics]),
-            "large_object_mean_iu": mean_std([m["large_object"]["mean_iu"] for m in metrics]),
-            "dominant_class_iu": mean_std(
-                [m["large_object"]["dominant_class_iu"] for m in metrics]
-            ),
-            "train_minutes": mean_std([r["train_minutes"] for r in mine]),
-            "epochs_run": mean_std([r.get("epochs_run") for r in mine]),
-            "converged": sum(bool(r.get("converged")) for r in mine),
+            "large_object_images": mean_std([m.large_object.images for m in metrics]),
+            "large_object_mean_iu": mean_std([m.large_object.mean_iu for m in metrics]),
+            "dominant_class_iu": mean_std([m.large_object.dominant_class_iu for m in metrics]),
+            "train_minutes": mean_std([r.train_minutes for r in mine]),
+            "epochs_run": mean_std([r.epochs_run for r in mine]),
+            "converged": sum(bool(r.converged) for r in mine),
             **{
-                f"{unit}_to_target": mean_std([(r.get("to_target") or {}).get(unit) for r in mine])
+                f"{unit}_to_target": mean_std([(r.to_target or {}).get(unit) for r in mine])
                 for unit in TARGET_UNITS
-                if any("to_target" in r for r in mine)
+                if any(r.to_target is not None for r in mine)
             },
             "stage_mean_iu": {
-                net: mean_std([r.get("stage_mean_iu", {}).get(net) for r in mine])
-                for net in dict.fromkeys(n for r in mine for n in r.get("stage_mean_iu", {}))
+                net: mean_std([r.stage_mean_iu.get(net) for r in mine])
+                for net in dict.fromkeys(n for r in mine for n in r.stage_mean_iu)
             },
         }
     return summary
 
 
-def run_value(run: dict, metric: str = "mean_iu", stage: str | None = None) -> float | None:
-    """One run's number: ``metrics[metric]``, a staged net's mean IU (``stage``), or
+def run_value(run: RunRecord, metric: str = "mean_iu", stage: str | None = None) -> float | None:
+    """One run's number: a test metric (``mean_iu``, ``pixel_acc``, ``mean_acc``), a
+    large-object score, ``IU <class>``, a staged net's mean IU (``stage``), or
     ``<unit>_to_target`` (a :data:`TARGET_UNITS` unit)."""
     if stage is not None:
-        return run.get("stage_mean_iu", {}).get(stage)
+        return run.stage_mean_iu.get(stage)
     if metric.endswith("_to_target"):
-        return (run.get("to_target") or {}).get(metric.removesuffix("_to_target"))
+        return (run.to_target or {}).get(metric.removesuffix("_to_target"))
     if metric in LARGE_OBJECT_METRICS:
-        return (run["metrics"].get("large_object") or {}).get(LARGE_OBJECT_METRICS[metric])
-    return run["metrics"][metric]
+        return getattr(run.metrics.large_object, LARGE_OBJECT_METRICS[metric])
+    if metric.startswith("IU "):
+        return run.metrics.per_class_iu.get(metric.removeprefix("IU "))
+    return getattr(run.metrics, metric)
 
 
 def compare(
-    runs: list[dict],
+    runs: list[RunRecord],
     pairs: list[tuple[str, str]],
     metric: str = "mean_iu",
     stage: str | None = None,
@@ -121,7 +122,7 @@ def compare(
     out = []
     for first, second in pairs:
         every = [
-            [run_value(r, metric, stage) for r in runs if r["setting_name"] == s]
+            [run_value(r, metric, stage) for r in runs if r.setting_name == s]
             for s in (first, second)
         ]
         values = [[v for v in side if v is not None] for side in every]
@@ -131,9 +132,7 @@ def compare(
             test = welch_t_test(*values)
         diff = float(np.mean(values[0]) - np.mean(values[1])) if all(values) else None
         name = f"{stage} mean_iu" if stage is not None else metric
-        unconverged = sum(
-            not r.get("converged", False) for r in runs if r["setting_name"] in (first, second)
-        )
+        unconverged = sum(not r.converged for r in runs if r.setting_name in (first, second))
         out.append({"a": first, "b": second, "metric": name, "difference": diff, **test,
                     "unconverged_runs": unconverged})  # fmt: skip
     return with_holm(out)
@@ -148,16 +147,9 @@ def with_holm(family: list[dict]) -> list[dict]:
     return family
 
 
-def compare_classes(runs: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
+def compare_classes(runs: list[RunRecord], pairs: list[tuple[str, str]]) -> list[dict]:
     """Per-class IU of each pair, one family over every (class, pair) for Holm's
     adjustment (a run where the class is absent is left out)."""
-    classes = list(dict.fromkeys(c for r in runs for c in r["metrics"]["per_class_iu"]))
-    family = []
-    for name in classes:
-        per_class = [
-            {**r, "metrics": {**r["metrics"], "class_iu": r["metrics"]["per_class_iu"].get(name)}}
-            for r in runs
-        ]
-        for row in compare(per_class, pairs, "class_iu"):
-            family.append({**row, "metric": f"IU {name}"})
+    classes = list(dict.fromkeys(c for r in runs for c in r.metrics.per_class_iu))
+    family = [row for name in classes for row in compare(runs, pairs, f"IU {name}")]
     return with_holm(family)
