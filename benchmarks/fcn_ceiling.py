@@ -18,8 +18,10 @@ is printed as well, for reference.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from fcn_pipeline.baselines import stride_ceiling_scores
 from fcn_pipeline.store import read_dataset_meta
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="an ingested dataset directory")
     parser.add_argument("--split", default="test")
     parser.add_argument("--steps", type=int, default=300, help="Adam steps per batch of images")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
     meta = read_dataset_meta(args.data)
@@ -42,7 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     for stride, variant in variants.items():
         per_class = " ".join(f"{iu:9.3f}" for iu in scores[stride]["per_class_iu"])
         print(f"{stride:>6} {variant:<8} {scores[stride]['mean_iu']:7.3f}  {per_class}")
-    print(f"({time.perf_counter() - start:.0f} s)")
+    seconds = time.perf_counter() - start
+    print(f"({seconds:.0f} s)")
+    if args.json:
+        figures = {
+            "data": str(args.data), "split": args.split, "steps": args.steps,
+            "class_names": names, "seconds": seconds,
+            "strides": {str(stride): scores[stride] for stride in variants},
+        }  # fmt: skip
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

@@ -210,3 +210,28 @@ def test_the_gpu_kernel_table_is_the_committed_run():
         expected = [f"{case['images_per_second']:.1f}", f"{case['speedup_vs_before']:.2f}x",
                     f"{100 * case['data_wait_share']:.0f} %"]  # fmt: skip
         assert row[1:4] == expected, case["case"]
+
+
+def test_the_orchestration_table_is_the_committed_benchmark():
+    """docs/orchestration.md's before/after table against bench_orchestration.sh's own
+    table of that run (the numeric columns, row by row)."""
+    figures = REPO / "benchmarks" / "results" / "orchestration-2026-12-04"
+    measured = _table_rows((figures / "bench_orchestration.md").read_text())
+    text = (REPO / "docs" / "orchestration.md").read_text()
+    shown = _table_rows(text[text.index("| run | command | wall s") :])[: len(measured)]
+    assert len(measured) == 4
+    for source, row in zip(measured, shown, strict=True):
+        assert row[2:] == source[2:], row[0]
+
+
+def test_the_stride_ceiling_table_is_the_committed_benchmark():
+    """docs/results.md's ceiling table against benchmarks/fcn_ceiling.py's JSON."""
+    import json
+
+    figures = REPO / "benchmarks" / "results" / "fcn-ceiling-2026-12-05" / "fcn_ceiling.json"
+    ceiling = json.loads(figures.read_text())
+    rows = _table_rows(_section("results.md", "How far is mean IU 0.80?"))
+    assert [row[0].split()[0] for row in rows] == list(ceiling["strides"])
+    for row, scores in zip(rows, ceiling["strides"].values(), strict=True):
+        expected = [scores["mean_iu"], *scores["per_class_iu"]]
+        assert row[1:] == [f"{value:.3f}" for value in expected], row[0]
