@@ -333,7 +333,8 @@ def _derive_paths(source: str, tree: dict[str, Any]) -> None:
     for key, producer in DERIVED_PATHS.items():
         group, name = key.split(".")
         source_group, source_name = producer.split(".")
-        value = (tree.get(source_group) or {}).get(source_name)
+        produced = tree.get(source_group)
+        value = produced.get(source_name) if isinstance(produced, dict) else None
         if value is None:
             value = getattr(Params.model_fields[source_group].default_factory(), source_name)
         section = tree.setdefault(group, {})

@@ -177,3 +177,5 @@ def test_each_path_has_one_home_the_stage_that_writes_it():
     assert text.count("data/ingested") == 1 and text.count("data/stats") == 1
     with pytest.raises(ConfigError, match=r"train\.data: not a parameter: .* set data\.out"):
         load_params(REPO / "params.yaml", {"train.data": "x"})
+    with pytest.raises(ConfigError, match=r"\n  data: .*got 3"):  # not a group: named, no crash
+        parse_params({"data": 3})
