@@ -305,9 +305,8 @@ class Params(StrictModel):
     executor: ExecutorParams = Field(default_factory=ExecutorParams)
 
 
-# Where a stage reads what an earlier stage wrote: not params.yaml keys, but the earlier
-# stage's output key, filled in on load, so each path has one home (moving the ingested
-# data is one edit of data.out). Library callers pass these fields themselves.
+# What a stage reads from an earlier stage: filled in on load from that stage's output key
+# (one home per path: moving the data is one edit of data.out); library callers pass them.
 DERIVED_PATHS = {
     "stats.data": "data.out",
     "patches.data": "data.out",
