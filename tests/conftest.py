@@ -143,6 +143,24 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+def tiny_project(project: Path, fcn8s_epochs: int = 1, overlays: int = 2) -> dict:
+    """The project copy's params.yaml at a tiny size (4/2/2 synthetic images of 48x64, one
+    epoch per net, width 1/32), written; returns it as a dict for further edits."""
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["synthetic"].update(
+        height=48, width=64, splits={"train": 4, "val": 2, "test": 2}
+    )
+    params["data"]["workers"] = params["stats"]["workers"] = params["patches"]["workers"] = 1
+    params["patches"]["patches_per_image"] = 2
+    params["train"].update(width=0.03125, batch_size=2, workers=0, device="cpu")
+    params["epochs"] = {"fcn32s": 1, "fcn16s": 1, "fcn8s": fcn8s_epochs}
+    params["evaluate"].update(workers=0, overlays=overlays, device="cpu")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
 def tiny_params_file(tiny_data: Path, directory: Path, ingest_to: Path | None = None) -> Path:
     """``directory/params.yaml``: its train and evaluate stages run in seconds on
     :func:`tiny_data` (its ingested data, stats and patches) and write under

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import project_env
+from tests.conftest import project_env, tiny_project
 
 pytestmark = pytest.mark.slow
 
@@ -45,16 +45,7 @@ def test_dvc_repro_ingest_then_up_to_date(project_copy):
 def test_dvc_repro_whole_pipeline_then_metrics_and_plots(project_copy):
     """ingest -> stats -> patches -> train 32s/16s/8s -> evaluate, on a tiny configuration."""
     env = project_env()
-    params = yaml.safe_load((project_copy / "params.yaml").read_text())
-    params["data"]["synthetic"].update(
-        height=48, width=64, splits={"train": 4, "val": 2, "test": 2}
-    )
-    params["data"]["workers"] = params["stats"]["workers"] = params["patches"]["workers"] = 1
-    params["patches"]["patches_per_image"] = 2
-    params["train"].update(width=0.03125, batch_size=2, workers=0, device="cpu")
-    params["epochs"] = {"fcn32s": 1, "fcn16s": 1, "fcn8s": 1}
-    params["evaluate"].update(workers=0, overlays=2, device="cpu")
-    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    params = tiny_project(project_copy)
 
     run = dvc(project_copy, "repro", env=env)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import conftest
 from tests.conftest import project_env
 
 RUNS = ["tiny-frozen-s0", "tiny-frozen-s1", "tiny-interp-s0", "tiny-interp-s1"]
@@ -16,17 +17,8 @@ METRIC_KEYS = {"mean_iu", "pixel_acc", "mean_acc", "fw_iu", "per_class_iu", "lar
 
 
 def tiny_project(project: Path) -> None:
-    """The copy's params.yaml at the tiny size of tests/test_pipeline_dvc.py, committed."""
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"]["synthetic"].update(
-        height=48, width=64, splits={"train": 4, "val": 2, "test": 2}
-    )
-    params["data"]["workers"] = params["stats"]["workers"] = params["patches"]["workers"] = 1
-    params["patches"]["patches_per_image"] = 2
-    params["train"].update(width=0.03125, batch_size=2, workers=0, device="cpu")
-    params["epochs"] = {"fcn32s": 1, "fcn16s": 1, "fcn8s": 2}
-    params["evaluate"].update(workers=0, overlays=1, device="cpu")
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    """The copy's params.yaml at the tiny size (two FCN-8s epochs), committed."""
+    conftest.tiny_project(project, fcn8s_epochs=2, overlays=1)
     subprocess.run(["git", "commit", "-qam", "tiny"], cwd=project, check=True)
 
 

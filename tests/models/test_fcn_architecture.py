@@ -16,6 +16,7 @@ from fcn_pipeline.models import (
     output_stride,
     parameter_groups,
 )
+from tests.models.conftest import position_probe
 
 SMALL = 0.0625  # 4 channels in conv1: fast on a CPU, same topology as the paper's net
 TINY = 1 / 64  # 1 channel in conv1: for tests where only the geometry matters
@@ -131,33 +132,6 @@ def test_backbone_maps_lie_where_the_padding_and_pools_put_them():
         Grid(Fraction(2), Fraction(1, 2)).offset_onto(Grid(Fraction(2), Fraction(3, 2)))
 
 
-def _position_probe(model, source):
-    """Turn ``model`` into a ruler: every conv passes channels 0 and 1 through its centre tap,
-    and only the score layer ``source`` is non-zero, reading (channel 0 - channel 1) / 2.
-
-    Fed a = C + h + w and b = C - h - w, each max-pool keeps the far end of its block in a
-    and the near end in b, so (a - b) / 2 is the block centre's h + w: every score pixel
-    holds the input position it lies on, and an aligned net outputs h + w at pixel (h, w).
-    """
-    with torch.no_grad():
-        for module in model.backbone.modules():
-            if isinstance(module, nn.Conv2d):
-                module.weight.zero_()
-                module.bias.zero_()
-                centre = module.kernel_size[0] // 2
-                module.weight[0, 0, centre, centre] = 1
-                module.weight[1, 1, centre, centre] = 1
-        for name, module in model.named_modules():
-            if name.startswith("score_"):
-                module.weight.zero_()
-                module.bias.zero_()
-        scale = {"score_pool4": "scale_pool4", "score_pool3": "scale_pool3"}.get(source)
-        gain = 0.5 / getattr(model, scale, 1.0) if scale else 0.5
-        getattr(model, source).weight[:, 0] = gain
-        getattr(model, source).weight[:, 1] = -gain
-    return model.eval()
-
-
 PROBES = [
     ("fcn32s", "score_fr"),
     ("fcn16s", "score_fr"),
@@ -175,7 +149,7 @@ PROBES = [
 def test_scores_are_aligned_with_the_input(variant, source, upsample):
     height, width = 320, 384
     model = build_fcn(variant, 2, width=1 / 32, upsample=upsample)  # 2 channels in conv1
-    model = _position_probe(model, source)
+    model = position_probe(model, source)
     rows = torch.arange(height, dtype=torch.float64)[:, None]
     cols = torch.arange(width, dtype=torch.float64)[None, :]
     offset = height + width + 10  # keeps both ramps positive, so the ReLUs pass them

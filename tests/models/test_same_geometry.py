@@ -23,6 +23,7 @@ from fcn_pipeline.models import (
 )
 from fcn_pipeline.models.upsample import upsampler
 from tests.conftest import perturb_weights
+from tests.models.conftest import position_probe
 
 SMALL = 0.0625  # 4 channels in conv1
 TINY = 1 / 64  # 1 channel in conv1: only the geometry matters
@@ -116,30 +117,6 @@ def test_same_keeps_each_skip_whole_and_crops_the_longer_upsampled_map(upsample)
     assert seen["upscore8"][0][-2:] == (5, 9)  # pool3: ceil(33 / 8), ceil(65 / 8)
 
 
-def _position_probe(model, source):
-    """Every backbone conv passes channels 0 and 1 through its centre tap; only the score
-    layer ``source`` is non-zero and reads (channel 0 - channel 1) / 2. Fed a = C + h + w and
-    b = C - h - w, the max-pools keep a block's far end in a and its near end in b, so each
-    score pixel holds the h + w of the input point it lies on."""
-    with torch.no_grad():
-        for module in model.backbone.modules():
-            if isinstance(module, nn.Conv2d):
-                module.weight.zero_()
-                module.bias.zero_()
-                centre = module.kernel_size[0] // 2
-                module.weight[0, 0, centre, centre] = 1
-                module.weight[1, 1, centre, centre] = 1
-        for name, module in model.named_modules():
-            if name.startswith("score_"):
-                module.weight.zero_()
-                module.bias.zero_()
-        scale = {"score_pool4": "scale_pool4", "score_pool3": "scale_pool3"}.get(source)
-        gain = 0.5 / getattr(model, scale, 1.0) if scale else 0.5
-        getattr(model, source).weight[:, 0] = gain
-        getattr(model, source).weight[:, 1] = -gain
-    return model.eval()
-
-
 PROBES = [
     ("fcn32s", "score_fr"),
     ("fcn16s", "score_fr"),
@@ -156,7 +133,7 @@ PROBES = [
 def test_scores_are_aligned_with_the_input(variant, source, upsample):
     height, width = 192, 224  # multiples of 32: no partial pooling blocks at the far end
     model = build_fcn(variant, 2, width=1 / 32, upsample=upsample, geometry="same")
-    model = _position_probe(model, source).double()
+    model = position_probe(model, source).double()
     rows = torch.arange(height, dtype=torch.float64)[:, None]
     cols = torch.arange(width, dtype=torch.float64)[None, :]
     offset = height + width + 10  # keeps both ramps positive, so the ReLUs pass them
