@@ -4,16 +4,21 @@
 directory as a plain program, or, with ``PREFECT_API_URL`` set, inside the study flow
 (:func:`flows.pipeline.study_flow`, also the ``fcn-pipeline/study`` deployment), which
 passes its run's id down so every experiment's stages are its child runs. The study
-file is checked against ``params.yaml`` before any experiment starts; experiments
-``dvc exp show`` already lists are skipped (a study resumes), the others run one after
+file is checked against ``params.yaml`` before any experiment starts. Each finished
+run's record is kept in ``reports/<name>.runs/<run>.json`` as soon as it finishes;
+runs recorded there or listed by ``dvc exp show`` are skipped (a study resumes, also in
+a fresh clone where only the committed records are left), the others run one after
 the other (DVC holds one repository lock) or in lanes; ``reports/<name>/`` is written
-atomically at the end. Nothing heavy is imported at module level.
+atomically at the end from the records, and the records' directory is removed.
+Nothing heavy is imported at module level.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -25,9 +30,11 @@ from flows.dvc_driver import Logger
 
 def _run_in_lanes(
     project_dir: str, pending: list, params_bytes: bytes, jobs: int, logger: Logger,
-    env: dict[str, str],
+    env: dict[str, str], finished: Callable[[Any], None],
 ) -> list[str]:  # fmt: skip
     """Run ``pending`` ``jobs`` at a time, each in the next free lane; the names run.
+    Each finished experiment is fetched into the project at once and handed to
+    ``finished``.
 
     A failed experiment does not stop the others; once every lane's experiments are
     fetched into the project, the first failure is raised (a rerun resumes)."""
@@ -52,6 +59,8 @@ def _run_in_lanes(
                 logger.error("%s failed in lane %s: %s", run.name, lane, future.exception())
                 failed.append(future)
             else:
+                study_driver.fetch_experiments(project_dir, Path(lane))
+                finished(run)
                 ran.append(run.name)
     if failed:
         failed[0].result()  # raises that experiment's error
@@ -80,7 +89,7 @@ def run_study(
 
     Returns the names run and skipped and the report directory.
     """
-    from fcn_pipeline.study import load_study, write_report
+    from fcn_pipeline.study import load_finished, load_study, write_report
 
     env = env or {}
     project_dir = os.getcwd()
@@ -91,25 +100,33 @@ def run_study(
     if jobs < 1:
         raise PipelineError(f"jobs: {jobs}: run at least one experiment at a time")
     study_driver.collect_left_over(project_dir, logger)  # a killed study's finished runs
-    done = set(study_driver.list_experiments(project_dir))
+    finished = Path(reports) / f"{study.name}.runs"  # records of the runs done so far
+
+    def keep(*runs: Any) -> None:
+        study_driver.keep_finished(project_dir, study, finished, list(runs), logger)
+
+    keep(*study.runs)  # what dvc exp show lists and is not recorded yet
+    done = {run.name for run in study.runs if load_finished(finished, run)}
     skipped = [run.name for run in study.runs if run.name in done]
     for name in skipped:
-        logger.info("%s: already in dvc exp show, skipped", name)
+        logger.info("%s: finished, recorded in %s, skipped", name, finished)
     pending = [run for run in study.runs if run.name not in done]
     if jobs > 1 and len(pending) > 1:
         study_driver.check_committed(project_dir)  # before any lane or experiment
         jobs = min(jobs, len(pending))
-        ran = _run_in_lanes(project_dir, pending, params_bytes, jobs, logger, env)
+        ran = _run_in_lanes(project_dir, pending, params_bytes, jobs, logger, env, keep)
     else:
         ran = []
         try:
             for run in pending:
                 study_driver.run_experiment(project_dir, run, params_bytes, logger, env)
+                keep(run)
                 ran.append(run.name)
         finally:
             params_path.write_bytes(params_bytes)  # the study's overrides never stay behind
-    results = study_driver.collect_results(project_dir, study, logger)
+    results = study_driver.collect_results(project_dir, study, finished)
     out = write_report(str(Path(reports) / study.name), results, study.comparisons)
+    shutil.rmtree(finished)  # results.json holds every record now
     logger.info(
         "study %s: ran %d, skipped %d; report in %s", study.name, len(ran), len(skipped), out
     )

@@ -3,11 +3,13 @@
 Every (setting, seed) of a study (:mod:`fcn_pipeline.study`) is one workspace
 ``dvc exp run -S ... --name <study>-<setting>-s<seed>``, so ``dvc exp show``
 lists them and DVC's run cache restores stages that already ran with the same
-inputs (the data stages, shared by all runs). Experiments that ``dvc exp show``
-already lists for the current commit are not run again: an interrupted study
-resumes where it stopped. ``dvc exp show --json`` names the experiments and their
-commits; metrics files and the per-epoch DVCLive curves are read from each
-experiment's commit (``git show``), since ``exp show`` leaves out null values. No
+inputs (the data stages, shared by all runs). ``dvc exp show --json`` names the
+experiments and their commits; metrics files and the per-epoch DVCLive curves are read
+from each experiment's commit (``git show``), since ``exp show`` leaves out null values,
+into the run's record, kept as a file as soon as the run finishes
+(:func:`keep_finished`): an interrupted study resumes where it stopped, from its
+experiments or, where they are gone (experiment refs live in one clone's ``.git``),
+from those files. No
 Prefect here: :mod:`flows.study` wraps these functions in tasks.
 
 With ``jobs`` > 1 the experiments run in *lanes*: clones of HEAD beside the project
@@ -31,7 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from fcn_pipeline.errors import PipelineError
-from fcn_pipeline.study import STAGED, RunSpec, Study, run_record, training_curve, tsv_column
+from fcn_pipeline.study import (
+    STAGED,
+    RunRecord,
+    RunSpec,
+    Study,
+    load_finished,
+    run_record,
+    save_finished,
+    training_curve,
+    tsv_column,
+)
 from flows.dvc_driver import Logger, command, dvc, dvc_json, git, run_dvc
 
 CURVE_METRICS = ("train_images", "images_per_second", "val_mean_iu")
@@ -233,25 +245,42 @@ def read_stages(project_dir: str, rev: str, run: RunSpec) -> dict[str, dict[str,
     return stages
 
 
-def collect_results(project_dir: str, study: Study, logger: Logger) -> dict[str, Any]:
-    """``results.json``'s content, read from ``dvc exp show`` and the experiments' commits."""
-    listed = list_experiments(project_dir)
-    missing = [run.name for run in study.runs if run.name not in listed]
+def experiment_record(
+    project_dir: str, run: RunSpec, entry: dict[str, Any], target: float | None
+) -> RunRecord:
+    """A run's record from its experiment (``entry``: its :func:`list_experiments` item):
+    the metrics files as the experiment committed them (``dvc exp show`` drops null
+    values: a class absent from the split has IU null; the record keeps them)."""
+    stages = read_stages(project_dir, entry["rev"], run)
+    metrics = stages.get(run.variant) or entry["metrics"].get(run.metrics_path)
+    if not metrics:
+        raise RuntimeError(f"experiment {run.name}: no {run.metrics_path} in dvc exp show")
+    curve = read_curve(project_dir, entry["rev"], run)
+    return run_record(run, metrics, curve, stages, target)
+
+
+def keep_finished(
+    project_dir: str, study: Study, finished: Path, runs: list[RunSpec], logger: Logger
+) -> None:
+    """Save the record of each of ``runs`` that ``dvc exp show`` lists and ``finished``
+    does not hold yet (:func:`fcn_pipeline.study.save_finished`)."""
+    todo = [run for run in runs if load_finished(finished, run) is None]
+    listed = list_experiments(project_dir) if todo else {}
+    commit = git("rev-parse", "HEAD", cwd=project_dir).strip() if todo else ""
+    for run in (run for run in todo if run.name in listed):
+        record = experiment_record(
+            project_dir, run, listed[run.name], study.spec.target_val_mean_iu
+        )
+        path = save_finished(finished, run, record, commit)
+        logger.info("%s: mean IU %s, recorded in %s", run.name, record.metrics.mean_iu, path)
+
+
+def collect_results(project_dir: str, study: Study, finished: Path) -> dict[str, Any]:
+    """``results.json``'s content, from the finished runs' records (:func:`keep_finished`)."""
+    records = {run.name: load_finished(finished, run) for run in study.runs}
+    missing = [name for name, record in records.items() if record is None]
     if missing:
-        raise RuntimeError(f"dvc exp show does not list experiment(s) {missing}")
-    runs = []
-    for run in study.runs:
-        entry = listed[run.name]
-        # The metrics files as the experiment committed them: `dvc exp show` drops null
-        # values (a class absent from the split has IU null), results.json keeps them.
-        stages = read_stages(project_dir, entry["rev"], run)
-        metrics = stages.get(run.variant) or entry["metrics"].get(run.metrics_path)
-        if not metrics:
-            raise RuntimeError(f"experiment {run.name}: no {run.metrics_path} in dvc exp show")
-        curve = read_curve(project_dir, entry["rev"], run)
-        record = run_record(run, metrics, curve, stages, study.spec.target_val_mean_iu)
-        runs.append(record.to_json())
-        logger.info("%s: mean IU %s", run.name, record.metrics.mean_iu)
+        raise RuntimeError(f"{finished}: no record of finished run(s) {missing}")
     formats = sorted({run.params.data.format for run in study.runs})
     return {
         "study": study.name,
@@ -259,5 +288,5 @@ def collect_results(project_dir: str, study: Study, logger: Logger) -> dict[str,
         "variant": study.spec.variant,
         "seeds": study.spec.seeds,
         "target_val_mean_iu": study.spec.target_val_mean_iu,
-        "runs": runs,
+        "runs": [record.to_json() for record in records.values() if record],
     }

@@ -11,15 +11,17 @@ import pytest
 import yaml
 
 from fcn_pipeline.convergence import converged, flat_gain
-from fcn_pipeline.errors import ConfigError
+from fcn_pipeline.errors import ConfigError, PipelineError
 from fcn_pipeline.evaluation import large_object_scores
 from fcn_pipeline.study import (
     RunRecord,
     aggregate,
     compare,
     holm,
+    load_finished,
     load_study,
     mean_std,
+    save_finished,
     to_target,
     training_curve,
     tsv_column,
@@ -373,6 +375,24 @@ def test_a_run_record_reads_back_what_it_writes_and_older_entries():
     assert record.converged is None and record.to_target is None
     assert "to_target" not in record.to_json()  # a study without a target has none
     assert list(record.to_json())[-1] == "curve"
+
+
+def test_a_finished_runs_record_is_kept_and_read_back_only_for_the_same_overrides(tmp_path):
+    """A study resumes from these files where its DVC experiments are gone; a record of
+    other overrides (the study file changed) is not reused, a broken one is named."""
+    run = load_study(study_file(tmp_path, GOOD), PARAMS).runs[1]
+    entry = {**fake_run("frozen", 1, 0.5, 0.2), "name": run.name}
+    record = RunRecord.from_json(entry)
+    kept = tmp_path / "tiny.runs"
+    assert load_finished(kept, run) is None
+    path = save_finished(kept, run, record, "abc123")
+    assert path == kept / f"{run.name}.json" and json.loads(path.read_text())["commit"] == "abc123"
+    assert load_finished(kept, run) == record
+    changed = load_study(study_file(tmp_path, {**GOOD, "base": ["epochs.fcn8s=2"]}), PARAMS)
+    assert changed.runs[1].name == run.name and load_finished(kept, changed.runs[1]) is None
+    path.write_text('{"overrides": []')
+    with pytest.raises(PipelineError, match=f"{path}: not a finished run's record"):
+        load_finished(kept, run)
 
 
 def test_a_committed_report_regenerates_byte_identical(tmp_path):

@@ -69,6 +69,9 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(pro
     # Each finished experiment counts as run, none as failed (a task state read too
     # early once logged finished experiments as failed).
     assert "study tiny: ran 4, skipped 0" in output and "failed in lane" not in output
+    # Each run is recorded as it finishes; the records go once results.json holds them.
+    assert output.count("recorded in reports/tiny.runs/") == 4, output[-3000:]
+    assert not (project_copy / "reports" / "tiny.runs").exists()
     assert lanes_beside(project_copy) == []  # every experiment is the project's now
     refs = exp_refs(project_copy)
     assert sorted(refs) == RUNS
@@ -112,34 +115,44 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(pro
         "val_mean_iu_vs_epochs.png",
     }  # fmt: skip
 
-    # Resuming: every experiment exists, none runs again, the report is rewritten.
-    (report / "results.json").unlink()
-    again = study(project_copy, env)
-    assert again.returncode == 0, again.stdout + again.stderr
-    output = again.stdout + again.stderr
-    assert output.count("already in dvc exp show, skipped") == 4, output[-3000:]
-    assert "Running stage" not in output
-    assert exp_refs(project_copy) == refs
-    assert json.loads((report / "results.json").read_text()) == results
-
-    # Interrupted before the last experiment: only that one runs again.
-    removed = subprocess.run(
-        ["dvc", "exp", "remove", RUNS[-1]], cwd=project_copy, env=env, capture_output=True
-    )
-    assert removed.returncode == 0, removed.stderr
-    resumed = study(project_copy, env)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    output = resumed.stdout + resumed.stderr
-    assert output.count("already in dvc exp show, skipped") == 3, output[-3000:]
-    after = exp_refs(project_copy)
-    assert sorted(after) == RUNS and all(after[name] == refs[name] for name in RUNS[:-1])
-
     # The models of a lane's experiment are in the project's DVC cache: it applies here.
     applied = subprocess.run(
         ["dvc", "exp", "apply", RUNS[0]], cwd=project_copy, env=env, capture_output=True, text=True
     )
     assert applied.returncode == 0, applied.stderr
     assert (project_copy / "models" / "fcn8s" / "model.pt").stat().st_size > 0
+    subprocess.run(["git", "reset", "-q", "--hard"], cwd=project_copy, check=True)
+
+    # Resuming: every experiment exists, none runs again, the report is rewritten.
+    (report / "results.json").unlink()
+    again = study(project_copy, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    output = again.stdout + again.stderr
+    assert output.count("finished, recorded in reports/tiny.runs, skipped") == 4, output[-3000:]
+    assert "Running stage" not in output
+    assert exp_refs(project_copy) == refs
+    assert json.loads((report / "results.json").read_text()) == results
+
+    # Interrupted before the last run, and the experiments gone (a fresh clone, another
+    # machine) but the first three runs' records committed: only the last runs again.
+    from fcn_pipeline.study import RunRecord, load_study, save_finished
+
+    planned = load_study(str(project_copy / "studies/tiny.yaml"), str(project_copy / "params.yaml"))
+    for run, entry in zip(planned.runs[:3], results["runs"][:3], strict=True):
+        save_finished(report.parent / "tiny.runs", run, RunRecord.from_json(entry), "elsewhere")
+    removed = subprocess.run(
+        ["dvc", "exp", "remove", "--all-commits"], cwd=project_copy, env=env, capture_output=True
+    )
+    assert removed.returncode == 0 and exp_refs(project_copy) == {}, removed.stderr
+    resumed = study(project_copy, env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    output = resumed.stdout + resumed.stderr
+    assert output.count("finished, recorded in reports/tiny.runs, skipped") == 3, output[-3000:]
+    assert "study tiny: ran 1, skipped 3" in output
+    assert sorted(exp_refs(project_copy)) == RUNS[-1:]
+    again = json.loads((report / "results.json").read_text())
+    assert again["runs"][:3] == results["runs"][:3]
+    assert again["runs"][3]["name"] == RUNS[-1] and 0 <= again["runs"][3]["metrics"]["mean_iu"] <= 1
 
 
 @pytest.mark.parametrize(

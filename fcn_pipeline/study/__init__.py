@@ -23,7 +23,9 @@ Example::
 from fcn_pipeline.study.plan import STAGED, RunSpec, Study, StudyFile, load_study
 from fcn_pipeline.study.records import (
     RunRecord,
+    load_finished,
     run_record,
+    save_finished,
     to_target,
     training_curve,
     tsv_column,
@@ -49,10 +51,12 @@ __all__ = [
     "compare",
     "compare_classes",
     "holm",
+    "load_finished",
     "load_study",
     "mean_std",
     "report_markdown",
     "run_record",
+    "save_finished",
     "to_target",
     "training_curve",
     "tsv_column",

@@ -3,11 +3,15 @@ reached a target, and its record in ``results.json``."""
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from fcn_pipeline.atomic import atomic_write_json
 from fcn_pipeline.convergence import converged, flat_gain
+from fcn_pipeline.errors import PipelineError
 from fcn_pipeline.study.plan import RunSpec
 
 # --- what one run produced ---------------------------------------------------------
@@ -204,3 +208,36 @@ def _number(value: Any) -> float | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return float(value)
+
+
+# --- finished runs, kept while a study is under way --------------------------------
+
+
+def save_finished(directory: str | Path, run: RunSpec, record: RunRecord, commit: str) -> Path:
+    """Keep a finished run's record as ``<directory>/<run.name>.json`` (atomically), with
+    the overrides it ran with and the commit it ran at: a study resumes from these files
+    where the DVC experiments are gone (a fresh clone, another machine)."""
+    path = Path(directory) / f"{run.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        path, {"overrides": run.overrides, "commit": commit, "record": record.to_json()}
+    )
+    return path
+
+
+def load_finished(directory: str | Path, run: RunSpec) -> RunRecord | None:
+    """The record :func:`save_finished` kept for ``run``; None when there is none or it
+    ran with other overrides (the study file changed since: the run runs again). Raises
+    :class:`fcn_pipeline.errors.PipelineError` naming a file that is not such a record."""
+    path = Path(directory) / f"{run.name}.json"
+    if not path.is_file():
+        return None
+    try:
+        kept = json.loads(path.read_text())
+        overrides, record = kept["overrides"], RunRecord.from_json(kept["record"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise PipelineError(
+            f"{path}: not a finished run's record ({type(error).__name__}: {error}); "
+            "delete it to run that run again"
+        ) from None
+    return record if overrides == run.overrides and record.name == run.name else None
