@@ -8,7 +8,8 @@ channels_last too (oneDNN's NHWC convolutions train the default width-0.0625 FCN
 same params, seed, thread count and processor give the same weights. CPU training
 runs under bfloat16 autocast where the processor computes bfloat16 natively
 (AVX512-BF16 or AMX: oneDNN's bf16 convolutions, float32 accumulation) and in
-float32 elsewhere (``train.precision: auto``); CPU evaluation stays float32.
+float32 elsewhere (``train.precision: auto``); CPU evaluation stays float32. On AMX the
+upsampling layers leave autocast (:mod:`fcn_pipeline.models.upsample`).
 """
 
 from __future__ import annotations

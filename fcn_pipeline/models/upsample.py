@@ -9,17 +9,44 @@ public reference fixes all of them. Three modes are offered:
 - ``frozen``: the same kernels with ``requires_grad=False`` (the reference);
 - ``interp``: no transposed convolution at all, a bilinear resize (how later papers
   describe FCN).
+
+Under bfloat16 autocast on a CPU with AMX tiles, the transposed convolutions run in
+float32: there oneDNN's AMX bf16 kernel (PyTorch 2.14.1) computes the gradient with
+respect to the input of a transposed convolution with a 16-pixel kernel or larger wrong
+(stride 8 padded, 16, 32: relative error about 1 against float32, where the AVX512-BF16
+kernels are within 0.3 %), and the nets diverge (FCN-32s's loss rose from 2.8 to 107 in
+four epochs). Elsewhere (AVX512-BF16 without AMX, CUDA) they run in the
+autocast dtype.
 """
 
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 UPSAMPLE_MODES = ("learned", "frozen", "interp")
+
+
+@cache
+def amx_cpu() -> bool:
+    """Whether this CPU has AMX tiles (oneDNN runs its bf16 kernels on them)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+class BilinearDeconv(nn.ConvTranspose2d):
+    """A transposed convolution that leaves CPU bfloat16 autocast on an AMX CPU and runs
+    in float32 there (see the module's note); otherwise an ``nn.ConvTranspose2d``."""
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if x.is_cpu and torch.is_autocast_enabled("cpu") and amx_cpu():
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float(), output_size)
+        return super().forward(x, output_size)
 
 
 def bilinear_kernel(factor: int) -> Tensor:
@@ -51,7 +78,7 @@ def bilinear_upsample_weight(channels: int, factor: int) -> Tensor:
 
 def bilinear_deconv(
     channels: int, factor: int, *, trainable: bool, padding: int = 0
-) -> nn.ConvTranspose2d:
+) -> BilinearDeconv:
     """A ``channels -> channels`` transposed convolution of stride ``factor``, kernel 2f - f mod 2,
     no bias, initialised to bilinear interpolation; ``trainable=False`` freezes its weight.
 
@@ -60,9 +87,7 @@ def bilinear_deconv(
     (N, C, f h, f w).
     """
     size = 2 * factor - factor % 2
-    deconv = nn.ConvTranspose2d(
-        channels, channels, size, stride=factor, padding=padding, bias=False
-    )
+    deconv = BilinearDeconv(channels, channels, size, stride=factor, padding=padding, bias=False)
     with torch.no_grad():
         deconv.weight.copy_(bilinear_upsample_weight(channels, factor))
     deconv.weight.requires_grad_(trainable)
