@@ -14,6 +14,8 @@ upsampling layers leave autocast (:mod:`fcn_pipeline.models.upsample`).
 
 from __future__ import annotations
 
+import os
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -95,6 +97,20 @@ def native_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def machine_description() -> str:
+    """The processor a CPU run trains on, e.g. ``AMD EPYC 9R14 (2 cores, AVX512, native
+    bf16)``: its model name, cores, oneDNN's instruction-set family, bf16 and AMX."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    tiles = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    extras = [", native bf16" if native_bf16() else "", ", AMX" if tiles and tiles() else ""]
+    name = names[0] if names else platform.processor() or platform.machine()
+    return f"{name} ({os.cpu_count()} cores, {cpu_capability()}{''.join(extras)})"
 
 
 def cpu_capability() -> str:

@@ -24,6 +24,7 @@ many images per second as one two-thread run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fcn_pipeline.errors import PipelineError
+from fcn_pipeline.runtime import machine_description
 from fcn_pipeline.study import (
     STAGED,
     RunRecord,
@@ -267,10 +269,12 @@ def keep_finished(
     todo = [run for run in runs if load_finished(finished, run) is None]
     listed = list_experiments(project_dir) if todo else {}
     commit = git("rev-parse", "HEAD", cwd=project_dir).strip() if todo else ""
+    machine = machine_description()  # the lanes' machine: this one
     for run in (run for run in todo if run.name in listed):
         record = experiment_record(
             project_dir, run, listed[run.name], study.spec.target_val_mean_iu
         )
+        record = dataclasses.replace(record, machine=machine)
         path = save_finished(finished, run, record, commit)
         logger.info("%s: mean IU %s, recorded in %s", run.name, record.metrics.mean_iu, path)
 

@@ -21,6 +21,7 @@ from fcn_pipeline.study import (
     load_finished,
     load_study,
     mean_std,
+    report_markdown,
     save_finished,
     to_target,
     training_curve,
@@ -393,6 +394,30 @@ def test_a_finished_runs_record_is_kept_and_read_back_only_for_the_same_override
     path.write_text('{"overrides": []')
     with pytest.raises(PipelineError, match=f"{path}: not a finished run's record"):
         load_finished(kept, run)
+
+
+def test_the_report_names_the_machines_the_runs_trained_on(tmp_path):
+    entries = [fake_run("frozen", seed, 0.5, 0.2) for seed in (0, 1)]
+    entries += [fake_run("interp", seed, 0.6, 0.3) for seed in (0, 1)]
+    plain = report_markdown(_results(entries), *_summaries(entries))
+    assert "trained on" not in plain  # records made before machines were recorded
+    for entry, machine in zip(entries, ["cpu A", "cpu A", "cpu A", "cpu B"], strict=True):
+        entry["machine"] = machine
+    assert RunRecord.from_json(entries[3]).to_json()["machine"] == "cpu B"
+    named = report_markdown(_results(entries), *_summaries(entries))
+    assert (
+        "- trained on: cpu A: 3 runs; cpu B: 1 run (train minutes compare only within one "
+        "machine)" in named
+    )
+
+
+def _results(entries: list[dict]) -> dict:
+    return {"study": "s", "dataset": "synthetic", "variant": "fcn8s", "runs": entries}
+
+
+def _summaries(entries: list[dict]) -> tuple:
+    runs = records(entries)
+    return aggregate(runs, ["frozen", "interp"]), compare(runs, [("frozen", "interp")]), []
 
 
 def test_a_committed_report_regenerates_byte_identical(tmp_path):

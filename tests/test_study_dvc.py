@@ -94,7 +94,7 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(pro
         assert set(entry["metrics"]["per_class_iu"]) >= {"background", "pole"}
         large = entry["metrics"]["large_object"]
         assert set(large) == {"images", "mean_iu", "dominant_class_iu"} and large["images"] >= 0
-        assert entry["train_minutes"] > 0
+        assert entry["train_minutes"] > 0 and "cores" in entry["machine"]
         # Every staged net's test mean IU, read from the experiment's commit.
         stages = entry["stage_mean_iu"]
         assert list(stages) == ["fcn32s", "fcn16s", "fcn8s"]

@@ -118,11 +118,14 @@ class RunRecord:
     flat_gain: float | None = None
     flat_gain_all_epochs: float | None = None
     to_target: dict[str, float | None] | None = None  # only with a study target
+    machine: str | None = None  # the CPU (or GPU) it trained on, where recorded
 
     def to_json(self) -> dict[str, Any]:
         """The ``results.json`` entry (``to_target`` only when the study has a target)."""
         large = self.metrics.large_object
         extra = {} if self.to_target is None else {"to_target": self.to_target}
+        if self.machine is not None:
+            extra["machine"] = self.machine
         return {
             "name": self.name, "setting": self.setting, "setting_name": self.setting_name,
             "seed": self.seed,
@@ -158,7 +161,7 @@ class RunRecord:
             epochs_run=entry.get("epochs_run"), converged=entry.get("converged"),
             flat_gain=entry.get("flat_gain"),
             flat_gain_all_epochs=entry.get("flat_gain_all_epochs"),
-            to_target=entry.get("to_target"),
+            to_target=entry.get("to_target"), machine=entry.get("machine"),
         )  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 atomically."""
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ def report_markdown(
     lines = [f"# Study `{results['study']}`", ""]
     lines += [f"- dataset: {results['dataset']}; variant scored: {results['variant']}"]
     lines += [f"- runs: {len(runs)} ({len(summary)} settings x seeds)"]
+    lines += _machines(runs)
     lines += ["- ± is the sample standard deviation over seeds (n - 1)"]
     lines += [f"- converged: {FLAT_RULE}", ""]
     lines += _settings_table(runs, summary)
@@ -82,6 +84,16 @@ COMPARISONS_TEXT = (
     "on either side) show '-'. A comparison marked *unconverged* involves runs whose "
     "curves were still rising (rule above): it holds for that budget only."
 )
+
+
+def _machines(runs: list[RunRecord]) -> list[str]:
+    """Where the runs trained, when their records say (minutes compare within one)."""
+    counts = Counter(r.machine for r in runs if r.machine)
+    if not counts:
+        return []
+    named = "; ".join(f"{machine}: {n} run{'s' * (n > 1)}" for machine, n in counts.items())
+    note = " (train minutes compare only within one machine)" if len(counts) > 1 else ""
+    return [f"- trained on: {named}{note}"]
 
 
 def _settings_table(runs: list[RunRecord], summary: dict) -> list[str]:
