@@ -48,6 +48,23 @@ def study_file(tmp_path: Path, content: dict, name: str = "tiny") -> Path:
 # --- the study file -------------------------------------------------------------------
 
 
+def test_extra_seeds_add_runs_to_one_setting_and_bad_ones_are_refused(tmp_path):
+    study = load_study(study_file(tmp_path, {**GOOD, "extra_seeds": {"interp": [2, 5]}}), PARAMS)
+    names = [run.name for run in study.runs]
+    assert names == [
+        "tiny-frozen-s0", "tiny-frozen-s1",
+        "tiny-interp-s0", "tiny-interp-s1", "tiny-interp-s2", "tiny-interp-s5",
+    ]  # fmt: skip
+    assert study.runs[-1].seed == 5 and "train.seed=5" in study.runs[-1].overrides
+    for extra, named in [
+        ({"learned": [3]}, "extra_seeds: unknown setting 'learned'"),
+        ({"interp": [1]}, r"extra_seeds.interp: \[1\]: seeds must be distinct"),
+        ({"interp": [3, 3]}, r"extra_seeds.interp: \[3, 3\]"),
+    ]:
+        with pytest.raises(ConfigError, match=named):
+            load_study(study_file(tmp_path, {**GOOD, "extra_seeds": extra}), PARAMS)
+
+
 def test_a_good_study_plans_one_named_run_per_setting_and_seed(tmp_path):
     study = load_study(study_file(tmp_path, GOOD), PARAMS)
     assert study.name == "tiny"

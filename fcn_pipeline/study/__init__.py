@@ -17,6 +17,7 @@ Example::
       frozen: [train.upsample=frozen]
       interp: [train.upsample=interp]
     seeds: [0, 1, 2]           # each sets every key in seed_keys (default train.seed)
+    extra_seeds: {interp: [3, 4]}     # optional: more seeds for some settings
     comparisons: [[frozen, interp]]   # default: every setting against the first
 """
 

@@ -42,6 +42,9 @@ class StudyFile(StrictModel):
     base: list[str] = Field(default_factory=list)
     settings: dict[str, list[str]] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
+    # More seeds for some settings (a comparison that three seeds leave undecided):
+    # {setting: [seed, ...]}, each seed new to that setting.
+    extra_seeds: dict[str, list[int]] = Field(default_factory=dict)
     seed_keys: list[str] = Field(default_factory=lambda: ["train.seed"], min_length=1)
     variant: StagedVariant = "fcn8s"  # whose metrics the study compares
     large_object_share: float = Field(0.5, gt=0.0, le=1.0)  # sets evaluate.large_object_share
@@ -157,6 +160,18 @@ def load_study(path: str | Path, params_path: str | Path = "params.yaml") -> Stu
         key = override.split("=", 1)[0]
         if not _has_key(params_raw, key):
             raise ConfigError(f"{source}: {where}: {key!r} is not a key of {params_path}")
+    for setting, extra in spec.extra_seeds.items():
+        if setting not in spec.settings:
+            raise ConfigError(f"{source}: extra_seeds: unknown setting {setting!r}")
+        if (
+            len(set(extra)) != len(extra)
+            or set(extra) & set(spec.seeds)
+            or min(extra, default=0) < 0
+        ):
+            raise ConfigError(
+                f"{source}: extra_seeds.{setting}: {extra}: seeds must be distinct, >= 0 and "
+                f"not already in seeds {spec.seeds}"
+            )
     for pair in spec.comparisons or []:
         unknown = [s for s in pair if s not in spec.settings]
         if unknown:
@@ -164,7 +179,7 @@ def load_study(path: str | Path, params_path: str | Path = "params.yaml") -> Stu
     runs = [
         _plan_run(name, setting, seed, spec, params_raw, source)
         for setting in spec.settings
-        for seed in spec.seeds
+        for seed in [*spec.seeds, *spec.extra_seeds.get(setting, [])]
     ]
     return Study(name=name, source=source, spec=spec, runs=runs)
 
