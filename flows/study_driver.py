@@ -269,7 +269,9 @@ def keep_finished(
     todo = [run for run in runs if load_finished(finished, run) is None]
     listed = list_experiments(project_dir) if todo else {}
     commit = git("rev-parse", "HEAD", cwd=project_dir).strip() if todo else ""
-    machine = machine_description()  # the lanes' machine: this one
+    # This clone's experiments ran on this machine (lanes are its siblings); one pulled
+    # from a DVC remote would be labelled with it too.
+    machine = machine_description()
     for run in (run for run in todo if run.name in listed):
         record = experiment_record(
             project_dir, run, listed[run.name], study.spec.target_val_mean_iu
