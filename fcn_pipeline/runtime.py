@@ -29,6 +29,7 @@ from torch import nn
 from fcn_pipeline.config import Precision
 from fcn_pipeline.errors import ConfigError
 from fcn_pipeline.metrics import confusion_matrix
+from fcn_pipeline.models.upsample import amx_cpu
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,8 +108,7 @@ def machine_description() -> str:
     except OSError:
         lines = []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    tiles = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    extras = [", native bf16" if native_bf16() else "", ", AMX" if tiles and tiles() else ""]
+    extras = [", native bf16" if native_bf16() else "", ", AMX" if amx_cpu() else ""]
     name = names[0] if names else platform.processor() or platform.machine()
     return f"{name} ({os.cpu_count()} cores, {cpu_capability()}{''.join(extras)})"
 

@@ -267,8 +267,10 @@ def keep_finished(
     """Save the record of each of ``runs`` that ``dvc exp show`` lists and ``finished``
     does not hold yet (:func:`fcn_pipeline.study.save_finished`)."""
     todo = [run for run in runs if load_finished(finished, run) is None]
-    listed = list_experiments(project_dir) if todo else {}
-    commit = git("rev-parse", "HEAD", cwd=project_dir).strip() if todo else ""
+    if not todo:
+        return
+    listed = list_experiments(project_dir)
+    commit = git("rev-parse", "HEAD", cwd=project_dir).strip()
     # This clone's experiments ran on this machine (lanes are its siblings); one pulled
     # from a DVC remote would be labelled with it too.
     machine = machine_description()

@@ -131,8 +131,9 @@ def _bf16_autocast_grad(deconv, x, weights):
 
 @pytest.mark.parametrize("factor", [2, 8, 16, 32])
 def test_the_input_gradient_under_cpu_bf16_autocast_matches_float32(factor):
-    """On an AMX CPU oneDNN's bf16 kernel got this gradient wrong for stride 16 and 32
-    (relative error about 1; FCN-32s diverged): there the deconvs run in float32."""
+    """On an AMX CPU oneDNN's bf16 kernel got this gradient wrong for stride 8 (padded),
+    16 and 32 (relative error about 1; FCN-32s diverged): there the deconvs run in
+    float32."""
     torch.manual_seed(factor)
     deconv = bilinear_deconv(6, factor, trainable=True, padding=math.ceil((factor - 1) / 2))
     x = torch.randn(4, 6, 3, 4)
