@@ -6,10 +6,12 @@ directory as a plain program, or, with ``PREFECT_API_URL`` set, inside the study
 passes its run's id down so every experiment's stages are its child runs. The study
 file is checked against ``params.yaml`` before any experiment starts. Each finished
 run's record is kept in ``reports/<name>.runs/<run>.json`` as soon as it finishes;
-runs recorded there or listed by ``dvc exp show`` are skipped (a study resumes, also in
-a fresh clone where only the committed records are left), the others run one after
-the other (DVC holds one repository lock) or in lanes; ``reports/<name>/`` is written
-atomically at the end from the records, and the records' directory is removed.
+runs recorded there, in the study's earlier ``results.json`` with the same overrides
+(seeds added after a report) or listed by ``dvc exp show`` are skipped (a study
+resumes, also in a fresh clone where only the committed files are left), the others
+run one after the other (DVC holds one repository lock) or in lanes;
+``reports/<name>/`` is written atomically at the end from the records (each with its
+overrides and commit), and the records' directory is removed.
 Nothing heavy is imported at module level.
 """
 
@@ -89,7 +91,7 @@ def run_study(
 
     Returns the names run and skipped and the report directory.
     """
-    from fcn_pipeline.study import load_finished, load_study, write_report
+    from fcn_pipeline.study import load_finished, load_study, restore_finished, write_report
 
     env = env or {}
     project_dir = os.getcwd()
@@ -101,6 +103,9 @@ def run_study(
         raise PipelineError(f"jobs: {jobs}: run at least one experiment at a time")
     study_driver.collect_left_over(project_dir, logger)  # a killed study's finished runs
     finished = Path(reports) / f"{study.name}.runs"  # records of the runs done so far
+    archive = Path(reports) / study.name / "results.json"  # an earlier report's records
+    for name in restore_finished(finished, archive, study.runs):
+        logger.info("%s: restored from %s", name, archive)
 
     def keep(*runs: Any) -> None:
         study_driver.keep_finished(project_dir, study, finished, list(runs), logger)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -22,6 +23,7 @@ from fcn_pipeline.study import (
     load_study,
     mean_std,
     report_markdown,
+    restore_finished,
     save_finished,
     to_target,
     training_curve,
@@ -405,12 +407,45 @@ def test_a_finished_runs_record_is_kept_and_read_back_only_for_the_same_override
     assert load_finished(kept, run) is None
     path = save_finished(kept, run, record, "abc123")
     assert path == kept / f"{run.name}.json" and json.loads(path.read_text())["commit"] == "abc123"
-    assert load_finished(kept, run) == record
+    assert load_finished(kept, run) == dataclasses.replace(
+        record, overrides=run.overrides, commit="abc123"
+    )  # what it ran with, for results.json
     changed = load_study(study_file(tmp_path, {**GOOD, "base": ["epochs.fcn8s=2"]}), PARAMS)
     assert changed.runs[1].name == run.name and load_finished(kept, changed.runs[1]) is None
     path.write_text('{"overrides": []')
     with pytest.raises(PipelineError, match=f"{path}: not a finished run's record"):
         load_finished(kept, run)
+
+
+def test_a_reports_records_are_restored_only_for_the_same_overrides(tmp_path):
+    """Seeds added to a study after its report: the report's results.json gives back the
+    records of the runs it holds with the same overrides (also where the experiments
+    are gone), so only the new runs train; a run whose overrides changed is not
+    restored, and a broken results.json is named."""
+    runs = load_study(study_file(tmp_path, GOOD), PARAMS).runs
+    kept = tmp_path / "tiny.runs"
+    for run in runs[:3]:
+        entry = {**fake_run("frozen", run.seed, 0.5, 0.2), "name": run.name}
+        save_finished(kept, run, RunRecord.from_json(entry), f"commit-{run.seed}")
+    entries = [load_finished(kept, run).to_json() for run in runs[:3]]
+    assert entries[0]["overrides"] == runs[0].overrides and entries[0]["commit"] == "commit-0"
+    assert RunRecord.from_json(entries[1]) == load_finished(kept, runs[1])
+    kept_file = json.loads((kept / f"{runs[0].name}.json").read_text())
+    assert "overrides" not in kept_file["record"]  # the kept file holds them once
+    results = tmp_path / "reports" / "tiny" / "results.json"
+    results.parent.mkdir(parents=True)
+    entries[2]["overrides"] = [*runs[2].overrides[:-1], "train.seed=99"]  # ran otherwise
+    results.write_text(json.dumps(_results(entries)))
+    restored_dir = tmp_path / "fresh.runs"
+    restored = restore_finished(restored_dir, results, runs)
+    assert restored == [runs[0].name, runs[1].name]
+    assert load_finished(restored_dir, runs[0]) == load_finished(kept, runs[0])
+    assert load_finished(restored_dir, runs[2]) is None
+    assert restore_finished(restored_dir, results, runs) == []  # already kept
+    assert restore_finished(restored_dir, tmp_path / "none.json", runs) == []
+    results.write_text('{"runs": [{"seed": 1}]}')
+    with pytest.raises(PipelineError, match=f"{results}: not a study's results.json"):
+        restore_finished(tmp_path / "other.runs", results, runs)
 
 
 def test_the_report_names_the_machines_the_runs_trained_on(tmp_path):

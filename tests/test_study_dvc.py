@@ -83,12 +83,17 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(pro
 
     report = project_copy / "reports" / "tiny"
     results = json.loads((report / "results.json").read_text())
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project_copy, capture_output=True, text=True
+    ).stdout.strip()
     assert results["study"] == "tiny" and results["dataset"] == "synthetic"
     assert [r["name"] for r in results["runs"]] == RUNS
     for entry, (upsample, seed) in zip(
         results["runs"], [("frozen", 0), ("frozen", 1), ("interp", 0), ("interp", 1)], strict=True
     ):
         assert entry["setting"] == {"train.upsample": upsample} and entry["seed"] == seed
+        assert {f"train.upsample={upsample}", f"train.seed={seed}"} <= set(entry["overrides"])
+        assert entry["commit"] == head
         assert set(entry["metrics"]) == METRIC_KEYS
         assert 0.0 <= entry["metrics"]["mean_iu"] <= 1.0
         assert set(entry["metrics"]["per_class_iu"]) >= {"background", "pole"}
@@ -138,8 +143,9 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(pro
     from fcn_pipeline.study import RunRecord, load_study, save_finished
 
     planned = load_study(str(project_copy / "studies/tiny.yaml"), str(project_copy / "params.yaml"))
+    (report / "results.json").unlink()  # an interrupted study has not written its report
     for run, entry in zip(planned.runs[:3], results["runs"][:3], strict=True):
-        save_finished(report.parent / "tiny.runs", run, RunRecord.from_json(entry), "elsewhere")
+        save_finished(report.parent / "tiny.runs", run, RunRecord.from_json(entry), head)
     removed = subprocess.run(
         ["dvc", "exp", "remove", "--all-commits"], cwd=project_copy, env=env, capture_output=True
     )
@@ -153,6 +159,16 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(pro
     again = json.loads((report / "results.json").read_text())
     assert again["runs"][:3] == results["runs"][:3]
     assert again["runs"][3]["name"] == RUNS[-1] and 0 <= again["runs"][3]["metrics"]["mean_iu"] <= 1
+
+    # Seeds added after the report, in a clone without the experiments: the report's
+    # results.json gives the recorded runs back (same overrides), nothing trains again.
+    subprocess.run(["dvc", "exp", "remove", "--all-commits"], cwd=project_copy, env=env, check=True)
+    restored = study(project_copy, env)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    output = restored.stdout + restored.stderr
+    assert output.count("restored from reports/tiny/results.json") == 4, output[-3000:]
+    assert "study tiny: ran 0, skipped 4" in output and "Running stage" not in output
+    assert json.loads((report / "results.json").read_text()) == again
 
 
 @pytest.mark.parametrize(

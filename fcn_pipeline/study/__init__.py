@@ -25,6 +25,7 @@ from fcn_pipeline.study.plan import STAGED, RunSpec, Study, StudyFile, load_stud
 from fcn_pipeline.study.records import (
     RunRecord,
     load_finished,
+    restore_finished,
     run_record,
     save_finished,
     to_target,
@@ -56,6 +57,7 @@ __all__ = [
     "load_study",
     "mean_std",
     "report_markdown",
+    "restore_finished",
     "run_record",
     "save_finished",
     "to_target",

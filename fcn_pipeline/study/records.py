@@ -5,7 +5,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,8 @@ class RunRecord:
     flat_gain_all_epochs: float | None = None
     to_target: dict[str, float | None] | None = None  # only with a study target
     machine: str | None = None  # the CPU (or GPU) it trained on, where recorded
+    overrides: list[str] | None = None  # what it ran with, where recorded (a study resumes
+    commit: str | None = None  # from results.json only when the overrides are the same)
 
     def to_json(self) -> dict[str, Any]:
         """The ``results.json`` entry (``to_target`` only when the study has a target)."""
@@ -126,9 +128,12 @@ class RunRecord:
         extra = {} if self.to_target is None else {"to_target": self.to_target}
         if self.machine is not None:
             extra["machine"] = self.machine
+        ran = {}  # records made before runs carried them have none
+        if self.overrides is not None:
+            ran = {"overrides": self.overrides, "commit": self.commit}
         return {
             "name": self.name, "setting": self.setting, "setting_name": self.setting_name,
-            "seed": self.seed,
+            "seed": self.seed, **ran,
             "metrics": {
                 "mean_iu": self.metrics.mean_iu, "pixel_acc": self.metrics.pixel_acc,
                 "mean_acc": self.metrics.mean_acc, "fw_iu": self.metrics.fw_iu,
@@ -162,6 +167,7 @@ class RunRecord:
             flat_gain=entry.get("flat_gain"),
             flat_gain_all_epochs=entry.get("flat_gain_all_epochs"),
             to_target=entry.get("to_target"), machine=entry.get("machine"),
+            overrides=entry.get("overrides"), commit=entry.get("commit"),
         )  # fmt: skip
 
 
@@ -223,7 +229,12 @@ def save_finished(directory: str | Path, run: RunSpec, record: RunRecord, commit
     path = Path(directory) / f"{run.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
-        path, {"overrides": run.overrides, "commit": commit, "record": record.to_json()}
+        path,
+        {
+            "overrides": run.overrides,
+            "commit": commit,
+            "record": replace(record, overrides=None, commit=None).to_json(),
+        },
     )
     return path
 
@@ -243,4 +254,34 @@ def load_finished(directory: str | Path, run: RunSpec) -> RunRecord | None:
             f"{path}: not a finished run's record ({type(error).__name__}: {error}); "
             "delete it to run that run again"
         ) from None
-    return record if overrides == run.overrides and record.name == run.name else None
+    if overrides != run.overrides or record.name != run.name:
+        return None
+    return replace(record, overrides=overrides, commit=kept.get("commit"))
+
+
+def restore_finished(directory: str | Path, results: str | Path, runs: list[RunSpec]) -> list[str]:
+    """Keep in ``directory`` the record of each of ``runs`` that a study's earlier report
+    (its ``results.json``) holds with the same overrides and ``directory`` does not: a
+    study given more seeds after its report resumes from it, also where the DVC
+    experiments are gone. The names restored; entries of reports written before records
+    carried their overrides restore nothing. Raises :class:`PipelineError` naming a
+    ``results`` that is not a report's."""
+    path = Path(results)
+    if not path.is_file():
+        return []
+    try:
+        entries = {e["name"]: e for e in json.loads(path.read_text())["runs"]}
+        archived = {name: RunRecord.from_json(e) for name, e in entries.items()}
+    except (ValueError, KeyError, TypeError) as error:
+        raise PipelineError(
+            f"{path}: not a study's results.json ({type(error).__name__}: {error})"
+        ) from None
+    restored = []
+    for run in runs:
+        record = archived.get(run.name)
+        if record is None or record.overrides != run.overrides:
+            continue
+        if load_finished(directory, run) is None:
+            save_finished(directory, run, record, record.commit or "")
+            restored.append(run.name)
+    return restored
