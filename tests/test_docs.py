@@ -78,28 +78,6 @@ def test_the_default_run_table_is_the_committed_metrics():
             assert cells == [round(v, 3) for v in expected], (page.name, stride)
 
 
-def test_the_converged_upsampling_table_is_the_committed_study():
-    """docs/results.md's table of the converged upsampling study is read back from
-    reports/upsample_converged/results.json (mean +- sample std over the seeds)."""
-    import json
-    import statistics
-
-    section = (REPO / "docs" / "results.md").read_text().split("### At convergence", 1)[1]
-    results = json.loads((REPO / "reports" / "upsample_converged" / "results.json").read_text())
-    for setting in ("frozen", "learned", "interp"):
-        runs = [r for r in results["runs"] if r["setting_name"] == setting]
-        values = [
-            [r["metrics"]["mean_iu"] for r in runs],
-            [r["metrics"]["pixel_acc"] for r in runs],
-            [r["metrics"]["per_class_iu"]["pole"] for r in runs],
-            [r["metrics"]["large_object"]["dominant_class_iu"] for r in runs],
-        ]
-        cells = [f"{statistics.mean(v):.3f} +- {statistics.stdev(v):.3f}" for v in values]
-        cells.append(", ".join(str(r["curve"]["stage_epochs"][-1]) for r in runs))
-        cells.append(f"{sum(r['converged'] for r in runs)}/{len(runs)}")
-        assert f"| {setting} | {' | '.join(cells)} |" in section, setting
-
-
 def _table_rows(section: str) -> list[list[str]]:
     """The data rows of the first markdown table in ``section``, as cells."""
     lines = [line for line in section.splitlines() if line.startswith("|")]
@@ -167,6 +145,47 @@ def test_the_short_budget_study_tables_are_the_committed_reports(heading):
         runs = [r for r in results["runs"] if r["setting_name"] == setting]
         assert len(runs) >= 3, setting
         assert row[1 : 1 + len(columns)] == [column(runs) for column in columns], setting
+
+
+def _epochs(runs: list[dict]) -> str:
+    """The scored net's epochs of each run, seed by seed."""
+    return ", ".join(str(r["curve"]["stage_epochs"][-1]) for r in runs)
+
+
+def _converged(runs: list[dict]) -> str:
+    return f"{sum(r['converged'] for r in runs)}/{len(runs)}"
+
+
+# Each converged study's table of docs/results.md: its subsection, its report, the
+# settings of its rows in order, each column's cell from the runs of a setting.
+CONVERGED_TABLES = {
+    "Upsampling at convergence": (
+        "upsample_converged", ["frozen", "learned", "interp"],
+        [lambda rs: _pm([r["metrics"]["mean_iu"] for r in rs]),
+         lambda rs: _pm([r["metrics"]["pixel_acc"] for r in rs]),
+         lambda rs: _pm([r["metrics"]["per_class_iu"]["pole"] for r in rs]),
+         lambda rs: _pm([r["metrics"]["large_object"]["dominant_class_iu"] for r in rs]),
+         _epochs, _converged],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("heading", sorted(CONVERGED_TABLES))
+def test_the_converged_study_tables_are_the_committed_reports(heading):
+    """Each "... at convergence" table of docs/results.md is read back from its
+    committed reports/<study>_converged/results.json (mean +- sample std over seeds)."""
+    import json
+
+    study, settings, columns = CONVERGED_TABLES[heading]
+    text = (REPO / "docs" / "results.md").read_text()
+    section = text.split(f"### {heading}\n", 1)[1].split("\n## ", 1)[0]
+    results = json.loads((REPO / "reports" / study / "results.json").read_text())
+    rows = _table_rows(section)
+    assert [row[0] for row in rows] == settings
+    for setting, row in zip(settings, rows, strict=True):
+        runs = [r for r in results["runs"] if r["setting_name"] == setting]
+        assert len(runs) >= 3, setting
+        assert row[1:] == [column(runs) for column in columns], setting
 
 
 def _plain(cell: str) -> str:
