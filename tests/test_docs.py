@@ -167,6 +167,18 @@ CONVERGED_TABLES = {
          lambda rs: _pm([r["metrics"]["large_object"]["dominant_class_iu"] for r in rs]),
          _epochs, _converged],
     ),
+    "Question 2 at convergence": (
+        "whole_vs_patch_converged",
+        ["whole", "whole_weighted", "sampled_p50", "sampled_p25", "patch_balanced",
+         "patch_uniform", "patch_uniform_weighted"],
+        [lambda rs: _pm([r["metrics"]["mean_iu"] for r in rs])]
+        + [lambda rs, c=c: _pm([r["metrics"]["per_class_iu"][c] for r in rs])
+           for c in ("bus", "triangle", "pole")]
+        + [lambda rs: _pm([r["metrics"]["large_object"]["mean_iu"] for r in rs]),
+           lambda rs: _pm([r["metrics"]["large_object"]["dominant_class_iu"] for r in rs]),
+           lambda rs: _pm([r["to_target"]["epochs"] for r in rs], 2),
+           _epochs, _converged],
+    ),
 }  # fmt: skip
 
 
