@@ -96,6 +96,19 @@ def _pm(values: list, digits: int = 3, scale: float = 1.0) -> str:
     return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
 
 
+# Question 2's scores, the same columns in its short-budget and its converged table:
+# FCN-8s mean IU, bus, triangle and pole IU, large-object mean IU and dominant-class IU,
+# epochs to the validation target.
+Q2_SCORES = (
+    [lambda rs: _pm([r["metrics"]["mean_iu"] for r in rs])]
+    + [lambda rs, c=c: _pm([r["metrics"]["per_class_iu"][c] for r in rs])
+       for c in ("bus", "triangle", "pole")]
+    + [lambda rs: _pm([r["metrics"]["large_object"]["mean_iu"] for r in rs]),
+       lambda rs: _pm([r["metrics"]["large_object"]["dominant_class_iu"] for r in rs]),
+       lambda rs: _pm([r["to_target"]["epochs"] for r in rs], 2)]
+)  # fmt: skip
+
+
 # Each study table of docs/results.md: its heading, its report, the settings of its rows in
 # order, and each column's cell computed from the runs of a setting.
 STUDY_TABLES = {
@@ -112,13 +125,7 @@ STUDY_TABLES = {
         "whole_vs_patch",
         ["whole", "whole_weighted", "sampled_p50", "sampled_p25", "patch_balanced",
          "patch_uniform", "patch_uniform_weighted"],
-        [lambda rs: _pm([r["metrics"]["mean_iu"] for r in rs])]
-        + [lambda rs, c=c: _pm([r["metrics"]["per_class_iu"][c] for r in rs])
-           for c in ("bus", "triangle", "pole")]
-        + [lambda rs: _pm([r["metrics"]["large_object"]["mean_iu"] for r in rs]),
-           lambda rs: _pm([r["metrics"]["large_object"]["dominant_class_iu"] for r in rs]),
-           lambda rs: _pm([r["to_target"]["epochs"] for r in rs], 2),
-           lambda rs: _pm([r["train_minutes"] for r in rs], 1)],
+        [*Q2_SCORES, lambda rs: _pm([r["train_minutes"] for r in rs], 1)],
     ),
     "CamVid: class weights and class-balanced patches on real scenes": (
         "camvid", ["whole", "whole_weighted", "patch_balanced"],
@@ -171,13 +178,7 @@ CONVERGED_TABLES = {
         "whole_vs_patch_converged",
         ["whole", "whole_weighted", "sampled_p50", "sampled_p25", "patch_balanced",
          "patch_uniform", "patch_uniform_weighted"],
-        [lambda rs: _pm([r["metrics"]["mean_iu"] for r in rs])]
-        + [lambda rs, c=c: _pm([r["metrics"]["per_class_iu"][c] for r in rs])
-           for c in ("bus", "triangle", "pole")]
-        + [lambda rs: _pm([r["metrics"]["large_object"]["mean_iu"] for r in rs]),
-           lambda rs: _pm([r["metrics"]["large_object"]["dominant_class_iu"] for r in rs]),
-           lambda rs: _pm([r["to_target"]["epochs"] for r in rs], 2),
-           _epochs, _converged],
+        [*Q2_SCORES, _epochs, _converged],
     ),
 }  # fmt: skip
 
