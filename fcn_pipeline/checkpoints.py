@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +220,27 @@ def _runtime_difference(old: Any, new: dict[str, Any]) -> str:
     return f" (it was written with another runtime: {', '.join(changed)})" if changed else ""
 
 
+def _matching_state(
+    path: Path, fingerprint: str, variant: str, log: Callable[[str], None],
+    runtime: dict[str, Any] | None,
+) -> dict[str, Any] | None:  # fmt: skip
+    """The checkpoint at ``path`` if it is of this configuration (else None, said)."""
+    if not path.exists():
+        return None
+    try:
+        state = load_file(path, CHECKPOINT_FORMAT)
+    except CheckpointError as error:
+        set_aside(path, str(error).removeprefix(f"{path}: "), log)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log(
+            f"{variant}: {path} is from another configuration"
+            f"{_runtime_difference(state.get('runtime'), runtime or {})}; starting over"
+        )
+        return None
+    return state
+
+
 def resume(
     checkpoint_path: Path,
     fingerprint: str,
@@ -226,32 +249,36 @@ def resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     log: Callable[[str], None],
     runtime: dict[str, Any] | None = None,
+    fallback: Path | None = None,
 ) -> Progress:
     """Restore the last saved epoch of the same configuration, if any: the metrics of
     the epochs done and the best epoch's weights (empty for a fresh start).
+    ``fallback``: a checkpoint to resume from where the one at ``checkpoint_path`` is
+    missing or of another configuration (one kept aside from a killed run).
 
     Under data parallelism rank 0 reads the checkpoint and hands it to the others, so
     it needs to exist only where rank 0 runs."""
-    state = None
-    if distributed.world_from_env().main and checkpoint_path.exists():
-        try:
-            state = load_file(checkpoint_path, CHECKPOINT_FORMAT)
-        except CheckpointError as error:
-            set_aside(checkpoint_path, str(error).removeprefix(f"{checkpoint_path}: "), log)
-        if state is not None and state.get("fingerprint") != fingerprint:
-            log(
-                f"{model.variant}: {checkpoint_path} is from another configuration"
-                f"{_runtime_difference(state.get('runtime'), runtime or {})}; starting over"
-            )
-            state = None
+    state, source = None, checkpoint_path
+    if distributed.world_from_env().main:
+        for source in [checkpoint_path, *([fallback] if fallback else [])]:
+            state = _matching_state(source, fingerprint, model.variant, log, runtime)
+            if state is not None:
+                break
+        if state is not None and source != checkpoint_path:  # the stage's own from now on
+            with atomic_file(checkpoint_path) as tmp:
+                shutil.copyfile(source, tmp)
     state = distributed.broadcast_from_main(state)
     if state is None:
         return Progress()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    log(f"{model.variant}: resuming from {checkpoint_path} after epoch {state['epoch']}")
-    return Progress(list(state["history"]), state["best_model"])
+    log(f"{model.variant}: resuming from {source} after epoch {state['epoch']}")
+    # Interned keys, as a run's own epochs have them: model.pt then pickles the strings
+    # it shares with the train params the same way, byte for byte, and the next net's
+    # fingerprint (the hash of this model file) is the uninterrupted run's.
+    history = [{sys.intern(k): value for k, value in epoch.items()} for epoch in state["history"]]
+    return Progress(history, state["best_model"])
 
 
 def save_checkpoint(

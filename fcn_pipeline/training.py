@@ -212,6 +212,7 @@ def train_variant(
     *,
     on_epoch_end: EpochCallback | None = None,
     log: Callable[[str], None] = print,
+    resume_from: Path | None = None,
 ) -> TrainResult:
     """Train ``variant`` for ``epochs`` epochs with ``params``; write
     ``<out>/<variant>/model.pt``.
@@ -224,6 +225,8 @@ def train_variant(
     rerun with the same configuration resumes after the last saved epoch, first
     replaying ``on_epoch_end(epoch, metrics)`` (1-based, :func:`epoch_metrics`) for
     the restored epochs so a logger that starts from scratch sees every epoch.
+    ``resume_from``: a checkpoint to resume from where that one is missing or of
+    another configuration (one a killed study kept aside); it is copied there.
 
     Raises :class:`ConfigError`, :class:`DatasetError`, :class:`CheckpointError`
     or :class:`TrainingDivergedError` with a message naming the key or file;
@@ -239,7 +242,7 @@ def train_variant(
     with distributed.process_group(device, params.dist_timeout_s) as world:
         if not world.main:  # rank 0 alone logs and writes
             log, on_epoch_end = (lambda line: None), None
-        return _train(params, variant, epochs, device, world, on_epoch_end, log)
+        return _train(params, variant, epochs, device, world, on_epoch_end, log, resume_from)
 
 
 @dataclass
@@ -267,6 +270,7 @@ def _train(
     world: distributed.World,
     on_epoch_end: EpochCallback | None,
     log: Callable[[str], None],
+    resume_from: Path | None = None,
 ) -> TrainResult:
     """:func:`train_variant` inside the process group of ``world``."""
     net = "fcn8s_atonce" if variant == "fcn8s" and params.at_once else variant
@@ -274,7 +278,8 @@ def _train(
     init_path = Path(params.out) / COARSER[net] / MODEL_FILE if net in COARSER else None
     data = build_data(params, device, world)
     with kernel_settings(device, params.threads):
-        run = _start(params, net, epochs, device, world, data, init_path, out_dir, log)
+        run = _start(params, net, epochs, device, world, data, (init_path, resume_from),
+                     out_dir, log)  # fmt: skip
         progress, start_epoch = run.progress, run.progress.epoch
         for number, metrics in enumerate(progress.history, start=1):
             if on_epoch_end:
@@ -315,11 +320,14 @@ def _train(
 
 def _start(
     params: TrainParams, net: str, epochs: int, device: torch.device, world: distributed.World,
-    data: TrainingData, init_path: Path | None, out_dir: Path, log: Callable[[str], None],
+    data: TrainingData, paths: tuple[Path | None, Path | None], out_dir: Path,
+    log: Callable[[str], None],
 ) -> _Run:  # fmt: skip
     """Everything before the first epoch: the net (from the backbone or the coarser
     net), its loss, optimizer and schedule, resumed from the checkpoint when it is
-    this configuration's."""
+    this configuration's. ``paths``: the initial weights (the coarser net's model, if
+    any) and the checkpoint to resume from where the net's own is not this run's."""
+    init_path, resume_from = paths
     backend = distributed.backend_for(device) if world.distributed else "one process"
     dtype = training_dtype(device, params.precision)
     runtime = runtime_record(device, dtype)
@@ -337,7 +345,8 @@ def _start(
     datasets = [data.train_set, data.val_set]
     fingerprint = run_fingerprint(params, net, epochs, datasets, init_path, world.size, runtime)
     checkpoint_path = out_dir / CHECKPOINT_FILE
-    progress = resume(checkpoint_path, fingerprint, model, optimizer, scheduler, log, runtime)
+    progress = resume(checkpoint_path, fingerprint, model, optimizer, scheduler, log, runtime,
+                      resume_from)  # fmt: skip
     rescale(scheduler, params, progress.history)
     stepped = distributed.wrap_for_ranks(model, device, world)
     return _Run(net, model, stepped, criterion, optimizer, scheduler, dtype, runtime,

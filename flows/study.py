@@ -9,7 +9,8 @@ run's record is kept in ``reports/<name>.runs/<run>.json`` as soon as it finishe
 runs recorded there, in the study's earlier ``results.json`` with the same overrides
 (seeds added after a report) or listed by ``dvc exp show`` are skipped (a study
 resumes, also in a fresh clone where only the committed files are left), the others
-run one after the other (DVC holds one repository lock) or in lanes;
+run one after the other (DVC holds one repository lock) or in lanes, a run that a killed
+study was training in a lane from the checkpoints it left there;
 ``reports/<name>/`` is written atomically at the end from the records (each with its
 overrides and commit), and the records' directory is removed.
 Nothing heavy is imported at module level.
@@ -51,7 +52,7 @@ def _run_in_lanes(
                 run, lane = queue.pop(0), free.pop()
                 future = pool.submit(
                     study_driver.run_experiment, lane, run, params_bytes,
-                    _named(logger, run.name), env,
+                    _named(logger, run.name), {**env, **study_driver.resume_env(project_dir, run)},
                 )  # fmt: skip
                 running[future] = (lane, run)
             future = next(as_completed(list(running)))
@@ -63,6 +64,7 @@ def _run_in_lanes(
             else:
                 study_driver.fetch_experiments(project_dir, Path(lane))
                 finished(run)
+                study_driver.drop_checkpoints(project_dir, run)
                 ran.append(run.name)
     if failed:
         failed[0].result()  # raises that experiment's error
@@ -116,6 +118,7 @@ def run_study(
     for name in skipped:
         logger.info("%s: finished, recorded in %s, skipped", name, finished)
     pending = [run for run in study.runs if run.name not in done]
+    study_driver.set_aside_checkpoints(project_dir, pending, logger)  # killed lanes' runs
     if jobs > 1 and len(pending) > 1:
         study_driver.check_committed(project_dir)  # before any lane or experiment
         jobs = min(jobs, len(pending))
@@ -124,8 +127,12 @@ def run_study(
         ran = []
         try:
             for run in pending:
-                study_driver.run_experiment(project_dir, run, params_bytes, logger, env)
+                resume = study_driver.resume_env(project_dir, run)
+                study_driver.run_experiment(
+                    project_dir, run, params_bytes, logger, {**env, **resume}
+                )
                 keep(run)
+                study_driver.drop_checkpoints(project_dir, run)
                 ran.append(run.name)
         finally:
             params_path.write_bytes(params_bytes)  # the study's overrides never stay behind

@@ -25,15 +25,19 @@ many images per second as one two-thread run.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from fcn_pipeline.errors import PipelineError
+import yaml
+
+from fcn_pipeline.config import parse_params
+from fcn_pipeline.errors import ConfigError, PipelineError
 from fcn_pipeline.runtime import machine_description
 from fcn_pipeline.study import (
     STAGED,
@@ -47,6 +51,7 @@ from fcn_pipeline.study import (
     tsv_column,
 )
 from flows.dvc_driver import Logger, command, dvc, dvc_json, git, run_dvc
+from flows.train import RESUME_ENV
 
 CURVE_METRICS = ("train_images", "images_per_second", "val_mean_iu")
 
@@ -214,6 +219,83 @@ def lanes(project_dir: str, jobs: int, logger: Logger) -> Iterator[list[str]]:
         for path in paths:
             _collect(project_dir, path, "lane", logger)
             shutil.rmtree(path, ignore_errors=True)
+
+
+def resume_dir(project_dir: str, run: RunSpec) -> Path:
+    """Where the checkpoints of a run a killed study was training in a lane wait for its
+    next lane: ``<parent>/.<project>.study-resume/<run>/<variant>/checkpoint.pt``."""
+    project = Path(project_dir).resolve()
+    return project.parent / f".{project.name}.study-resume" / run.name
+
+
+def _lane_run(lane: Path, pending: list[RunSpec]) -> RunSpec | None:
+    """The pending run whose params ``lane``'s ``params.yaml`` holds (``dvc exp run -S``
+    writes them there), if any."""
+    try:
+        raw = yaml.safe_load((lane / "params.yaml").read_text()) or {}
+        params = parse_params(raw, source=str(lane / "params.yaml"))
+    except (OSError, yaml.YAMLError, ConfigError):
+        return None
+    return next((run for run in pending if run.params == params), None)
+
+
+def _committed_md5s(project_dir: str) -> set[str]:
+    """The md5 of every output HEAD's ``dvc.lock`` records."""
+    text = _git_show(project_dir, "HEAD", "dvc.lock") or ""
+    stages = (yaml.safe_load(text) or {}).get("stages") or {}
+    return {out.get("md5") for stage in stages.values() for out in stage.get("outs") or []}
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def set_aside_checkpoints(project_dir: str, pending: list[RunSpec], logger: Logger) -> None:
+    """Keep the checkpoints of the runs a killed study was training in its lanes before
+    the lanes are made afresh: a left-over lane whose ``params.yaml`` is a pending run's
+    gives up that run's checkpoints to :func:`resume_dir` (replacing older ones kept
+    there; not the committed ones, which ``dvc exp run`` checks out before it trains),
+    and the run's next ``dvc exp run`` resumes from them (:func:`resume_env`). The
+    checkpoint's fingerprint still decides: one of other params, data, threads or
+    initial weights is not resumed."""
+    from fcn_pipeline.checkpoints import CHECKPOINT_FILE
+
+    project = Path(project_dir).resolve()
+    committed = _committed_md5s(project_dir)
+    for lane in sorted(project.parent.glob(f".{project.name}.study-lane-*")):
+        run = _lane_run(lane, pending)
+        kept = []
+        for variant in _trained(run) if run else []:
+            source = lane / run.params.train.out / variant / CHECKPOINT_FILE
+            if source.is_file() and _md5(source) not in committed:
+                target = resume_dir(project_dir, run) / variant / CHECKPOINT_FILE
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)  # a sibling: the same file system
+                kept.append(variant)
+        if run and kept:
+            logger.info(
+                "%s: kept the %s checkpoints of lane %s to resume from in %s", run.name,
+                ", ".join(kept), lane, resume_dir(project_dir, run),
+            )  # fmt: skip
+
+
+def resume_env(project_dir: str, run: RunSpec) -> dict[str, str]:
+    """The environment that makes ``run``'s train stages resume from the checkpoints
+    :func:`set_aside_checkpoints` kept (``flows.train.RESUME_ENV``), if any."""
+    kept = resume_dir(project_dir, run)
+    return {RESUME_ENV: str(kept)} if kept.is_dir() else {}
+
+
+def drop_checkpoints(project_dir: str, run: RunSpec) -> None:
+    """Delete the kept checkpoints of a run that has finished."""
+    kept = resume_dir(project_dir, run)
+    shutil.rmtree(kept, ignore_errors=True)
+    with suppress(OSError):  # other runs' still wait there
+        kept.parent.rmdir()
 
 
 def _git_show(project_dir: str, rev: str, path: str) -> str | None:

@@ -8,8 +8,10 @@ other ranks only train (:func:`train_other_rank`)."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,6 +22,10 @@ from flows.stages import Report
 
 # The params.yaml groups this stage reads; dvc.yaml declares the same.
 PARAMS = ("train", "epochs")
+# A directory of <variant>/checkpoint.pt to resume from where the stage's own checkpoint
+# is missing or of another configuration: a study sets it for a run it was training in
+# a lane when it was killed (`dvc exp run` checks out the committed checkpoint first).
+RESUME_ENV = "FCN_RESUME_FROM"
 
 
 def run(params: SimpleNamespace, variant: str | None, report: Report) -> dict[str, Any]:
@@ -27,10 +33,13 @@ def run(params: SimpleNamespace, variant: str | None, report: Report) -> dict[st
     checkpoint), every epoch logged to ``<train.live>/<variant>`` with DVCLive."""
     from dvclive import Live
     from fcn_pipeline.atomic import atomic_output_dir
+    from fcn_pipeline.checkpoints import CHECKPOINT_FILE
     from fcn_pipeline.training import train_variant
 
     assert variant is not None
     settings, epochs = params.train, getattr(params.epochs, variant)
+    kept = os.environ.get(RESUME_ENV)
+    resume_from = Path(kept, variant, CHECKPOINT_FILE) if kept else None
     key = f"train-{variant}"
     report.progress(key, 0, epochs, f"{variant}: epochs of at most {epochs}")
     # dvcyaml=False: dvc.yaml declares the plots and metrics; save_dvc_exp=False: the
@@ -50,7 +59,7 @@ def run(params: SimpleNamespace, variant: str | None, report: Report) -> dict[st
                             f"{metrics['val_mean_iu']:.4f} after epoch {epoch}")  # fmt: skip
 
         result = train_variant(settings, variant, epochs, on_epoch_end=on_epoch_end,
-                               log=report.info)  # fmt: skip
+                               log=report.info, resume_from=resume_from)  # fmt: skip
         live.summary.update(result.summary)  # metrics.json: the last epoch's, and these
     summary = result.summary
     report.progress(key, epochs, epochs, f"{variant}: {result.epochs} epochs run")

@@ -276,3 +276,62 @@ def test_a_study_fetches_a_killed_studys_lanes_before_it_lists_what_is_done(
             "studies/tiny.yaml", "params.yaml", "reports", 2, logging.getLogger("test")
         )  # fmt: skip
     assert seen == [ref]
+
+
+def lane_checkpoints(project: Path, net: str) -> list[Path]:
+    return [lane / "models" / net / "checkpoint.pt" for lane in lanes_beside(project)
+            if (lane / "models" / net / "checkpoint.pt").is_file()]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_runs_killed_in_their_lanes_resume_from_their_checkpoints(project_copy):
+    """A `--jobs 2` study killed while its lanes train (a session ending) and run again
+    resumes each run it was training from the checkpoints its lane left, and ends with
+    the scores of the same run never interrupted (same params, seed and threads)."""
+    import os
+    import signal
+    import time
+
+    env = {**project_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    tiny_project(project_copy)
+    runs = {"base": ["epochs.fcn8s=40"], "settings": {"whole": []}, "large_object_share": 0.4}
+    write_study(project_copy, "killed", {**runs, "seeds": [0, 1]})
+    subprocess.run(["git", "add", "studies"], cwd=project_copy, check=True)
+    subprocess.run(["git", "commit", "-qm", "study"], cwd=project_copy, check=True)
+    killed = subprocess.Popen(
+        ["fcn-pipeline", "study", "studies/killed.yaml", "--jobs", "2"], cwd=project_copy,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 900
+    while not lane_checkpoints(project_copy, "fcn8s") and killed.poll() is None:
+        assert time.monotonic() < deadline, "no FCN-8s checkpoint in a lane after 15 minutes"
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)  # the study, its `dvc exp run`s and trainings
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the study ended before it was killed"
+
+    again = study(project_copy, env, "killed", "--jobs", "2")
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-3000:]
+    kept = project_copy.parent / f".{project_copy.name}.study-resume"
+    assert "fcn16s, fcn8s checkpoints of lane" in output, output[-3000:]
+    resumed = sorted(
+        line.split("]")[0].rsplit("-s", 1)[1]
+        for line in output.splitlines()
+        if f"fcn8s: resuming from {kept}/killed-whole-s" in line
+    )  # the seeds of the runs that resumed their FCN-8s training
+    assert resumed, output[-3000:]
+    assert not kept.exists()  # dropped as each run finished
+
+    write_study(project_copy, "fresh", {**runs, "seeds": [int(seed) for seed in resumed]})
+    fresh = study(project_copy, env, "fresh")  # one job, in the workspace, uninterrupted
+    assert fresh.returncode == 0, (fresh.stdout + fresh.stderr)[-3000:]
+    assert "resuming" not in fresh.stdout + fresh.stderr
+    scores = {}
+    for name in ("killed", "fresh"):
+        results = json.loads((project_copy / "reports" / name / "results.json").read_text())
+        scores[name] = {
+            run["seed"]: (run["metrics"], run["curve"]["val_mean_iu"]) for run in results["runs"]
+        }
+    for seed in resumed:
+        assert scores["killed"][int(seed)] == scores["fresh"][int(seed)], seed

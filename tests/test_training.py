@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,41 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(tiny_data, tmp_path):
         h["train_loss"] for h in reference.history
     ]
     assert state_dicts_equal(model_state(resumed.model_path), model_state(reference.model_path))
+
+
+def test_a_kept_checkpoint_resumes_a_run_whose_own_is_another_runs(tiny_data, tmp_path):
+    """``resume_from``: a checkpoint a killed study kept aside, while the net's own file
+    is another configuration's (``dvc exp run`` checks out the committed one first). A
+    run killed after epoch 1 resumes from it to the uninterrupted run's weights; one
+    killed after its last epoch writes its model.pt again byte for byte (the next net's
+    fingerprint hashes that file)."""
+    params, out = tiny_params(tiny_data, tmp_path / "run"), tmp_path / "run" / "fcn32s"
+    reference = train_variant(params, "fcn32s", 3)
+    weights = model_state(reference.model_path)
+    shutil.rmtree(out)
+
+    def kill_after_first_epoch(epoch: int, metrics: dict) -> None:
+        if epoch == 1:
+            raise InterruptError
+
+    def keep_checkpoint_and_train_another() -> Path:
+        kept = tmp_path / "kept" / str(len(list(tmp_path.glob("kept/*")))) / CHECKPOINT_FILE
+        kept.parent.mkdir(parents=True)
+        os.replace(out / CHECKPOINT_FILE, kept)
+        train_variant(tiny_params(tiny_data, tmp_path / "run", lr=5e-4), "fcn32s", 1)
+        return kept
+
+    with pytest.raises(InterruptError):
+        train_variant(params, "fcn32s", 3, on_epoch_end=kill_after_first_epoch)
+    resumed = train_variant(params, "fcn32s", 3, resume_from=keep_checkpoint_and_train_another())
+    assert resumed.resumed_from == 1
+    assert state_dicts_equal(model_state(resumed.model_path), weights)
+    written = resumed.model_path.read_bytes()
+
+    finished = train_variant(params, "fcn32s", 3, resume_from=keep_checkpoint_and_train_another())
+    assert finished.resumed_from == 3 and finished.model_path.read_bytes() == written
+    again = train_variant(params, "fcn32s", 3)  # the net's own checkpoint is this run's now
+    assert again.resumed_from == 3 and again.model_path.read_bytes() == written
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(tiny_data, tmp_path):
