@@ -75,7 +75,10 @@ def _study(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     its children) when a Prefect API is configured."""
     from fcn_pipeline.study import load_study
 
-    load_study(args.study_file, args.params)  # refuse bad input before anything starts
+    study = load_study(args.study_file, args.params)  # bad input: refused up front
+    from flows.study_driver import check_params_left_over
+
+    check_params_left_over(os.getcwd(), study, args.params)
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: run at least one experiment at a time")
     if args.jobs > 1:  # lanes are clones of HEAD: refuse uncommitted changes up front

@@ -99,6 +99,7 @@ def run_study(
     project_dir = os.getcwd()
     study = load_study(study_file, params_file)  # refuses bad input before any experiment
     study_driver.check_index(project_dir)  # a killed experiment's leftovers stop dvc exp run
+    study_driver.check_params_left_over(project_dir, study, params_file)  # and its overrides
     params_path = Path(project_dir, params_file)
     params_bytes = params_path.read_bytes()
     if jobs < 1:

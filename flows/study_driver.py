@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from fcn_pipeline.config import parse_params
+from fcn_pipeline.config import parse_overrides, parse_params
 from fcn_pipeline.errors import ConfigError, PipelineError
 from fcn_pipeline.runtime import machine_description
 from fcn_pipeline.study import (
@@ -99,6 +99,38 @@ def check_index(project_dir: str) -> None:
             "them. Commit them, or unstage them with `git reset` (files stay as they are), "
             "then run the study again: finished experiments are skipped"
         )
+
+
+def check_params_left_over(project_dir: str, study: Study, params_file: str) -> None:
+    """Refuse to start while ``params_file`` is HEAD's with one run's overrides applied.
+
+    ``dvc exp run -S`` writes a run's overrides into the workspace's ``params.yaml``; a
+    study restores it after each run, but one killed while a run trained in the
+    workspace leaves them there, and the next study would take them for its base (every
+    run of another setting would inherit them). Raises
+    :class:`fcn_pipeline.errors.PipelineError` naming the run and the way out."""
+    committed = _git_show(project_dir, "HEAD", params_file)
+    workspace = Path(project_dir, params_file)
+    if committed is None or workspace.read_text() == committed:
+        return
+    try:
+        params = parse_params(yaml.safe_load(workspace.read_text()), source=params_file)
+        head = yaml.safe_load(committed)
+    except (yaml.YAMLError, ConfigError):
+        return  # load_study has read it; HEAD's may not parse
+    for run in study.runs:
+        try:
+            overridden = parse_params(head, overrides=parse_overrides(run.overrides))
+        except ConfigError:
+            continue  # HEAD's params are not this study's: nothing to compare
+        if overridden == params:
+            raise PipelineError(
+                f"{project_dir}/{params_file}: it holds HEAD's params with the overrides of "
+                f"run {run.name}, which a study killed while that run trained in the "
+                f"workspace leaves there; the study would take them for its base. Restore it "
+                f"(`git checkout {params_file}`) and run the study again: finished runs are "
+                "skipped"
+            )
 
 
 def run_experiment(

@@ -335,3 +335,35 @@ def test_runs_killed_in_their_lanes_resume_from_their_checkpoints(project_copy):
         }
     for seed in resumed:
         assert scores["killed"][int(seed)] == scores["fresh"][int(seed)], seed
+
+
+def test_params_left_with_a_runs_overrides_are_refused_before_any_experiment(project_copy):
+    """A study killed while a run trained in the workspace leaves that run's overrides in
+    params.yaml (`dvc exp run -S` writes them); the next study must not take them for
+    its base. Another uncommitted edit is the user's own and is not refused."""
+    from fcn_pipeline.errors import PipelineError
+    from fcn_pipeline.study import load_study
+    from flows.study_driver import check_params_left_over
+
+    write_study(project_copy, "tiny", TINY_STUDY)
+    params_file = project_copy / "params.yaml"
+    committed = yaml.safe_load(params_file.read_text())
+    left = yaml.safe_load(params_file.read_text())
+    left["epochs"]["fcn8s"], left["train"]["upsample"], left["train"]["seed"] = 1, "interp", 1
+    left["evaluate"]["large_object_share"] = 0.4
+    params_file.write_text(yaml.safe_dump(left))
+    env = project_env("http://127.0.0.1:9/api")  # no server: nothing may reach Prefect
+    run = study(project_copy, env, "tiny")
+    assert run.returncode != 0
+    assert "params.yaml: it holds HEAD's params with the overrides of run tiny-interp-s1" in (
+        run.stderr
+    ), run.stderr[-2000:]
+    assert "git checkout params.yaml" in run.stderr and exp_refs(project_copy) == {}
+
+    committed["train"]["lr"] = committed["train"]["lr"] * 2  # the user's own edit
+    params_file.write_text(yaml.safe_dump(committed))
+    study_spec = load_study(project_copy / "studies" / "tiny.yaml", params_file)
+    check_params_left_over(str(project_copy), study_spec, "params.yaml")  # no error
+    params_file.write_text(yaml.safe_dump(left))
+    with pytest.raises(PipelineError, match="tiny-interp-s1"):
+        check_params_left_over(str(project_copy), study_spec, "params.yaml")
