@@ -300,15 +300,17 @@ def set_aside_checkpoints(project_dir: str, pending: list[RunSpec], logger: Logg
     committed = _committed_md5s(project_dir)
     for lane in sorted(project.parent.glob(f".{project.name}.study-lane-*")):
         run = _lane_run(lane, pending)
+        if run is None or Path(run.params.train.out).is_absolute():  # not the lane's own
+            continue
         kept = []
-        for variant in _trained(run) if run else []:
+        for variant in _trained(run):
             source = lane / run.params.train.out / variant / CHECKPOINT_FILE
             if source.is_file() and _md5(source) not in committed:
                 target = resume_dir(project_dir, run) / variant / CHECKPOINT_FILE
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)  # a sibling: the same file system
                 kept.append(variant)
-        if run and kept:
+        if kept:
             logger.info(
                 "%s: kept the %s checkpoints of lane %s to resume from in %s", run.name,
                 ", ".join(kept), lane, resume_dir(project_dir, run),
