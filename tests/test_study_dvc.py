@@ -367,3 +367,60 @@ def test_params_left_with_a_runs_overrides_are_refused_before_any_experiment(pro
     params_file.write_text(yaml.safe_dump(left))
     with pytest.raises(PipelineError, match="tiny-interp-s1"):
         check_params_left_over(str(project_copy), study_spec, "params.yaml")
+
+
+def test_left_over_lanes_give_up_their_runs_checkpoints_but_not_committed_ones(project_copy):
+    """What :func:`set_aside_checkpoints` keeps: the checkpoints of the pending run whose
+    params a lane holds (not those of a lane holding a finished or unknown run's, and
+    not a checkpoint HEAD's dvc.lock records: `dvc exp run` put that one there); the
+    run's environment then points at them, and they go once it finishes."""
+    import hashlib
+    import logging
+
+    from fcn_pipeline.config import parse_overrides
+    from fcn_pipeline.study import load_study
+    from flows import study_driver
+    from flows.train import RESUME_ENV
+
+    write_study(project_copy, "tiny", TINY_STUDY)
+    lock = yaml.safe_load((project_copy / "dvc.lock").read_text())
+    outs = lock["stages"]["train@fcn8s"]["outs"]
+    committed_out = next(out for out in outs if out["path"].endswith("checkpoint.pt"))
+    committed_out["md5"] = hashlib.md5(b"committed").hexdigest()
+    (project_copy / "dvc.lock").write_text(yaml.safe_dump(lock))
+    subprocess.run(["git", "commit", "-qam", "lock"], cwd=project_copy, check=True)
+    spec = load_study(project_copy / "studies" / "tiny.yaml", project_copy / "params.yaml")
+    pending, finished = spec.runs[1:], spec.runs[0]
+    base = yaml.safe_load((project_copy / "params.yaml").read_text())
+
+    def lane(index: int, run, checkpoints: dict[str, bytes]) -> Path:
+        path = study_driver.lane_paths(str(project_copy), 3)[index]
+        params = yaml.safe_load(yaml.safe_dump(base))
+        for key, value in parse_overrides(run.overrides).items():
+            *parents, leaf = key.split(".")
+            node = params
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        path.mkdir()
+        (path / "params.yaml").write_text(yaml.safe_dump(params))
+        for net, content in checkpoints.items():
+            (path / "models" / net).mkdir(parents=True)
+            (path / "models" / net / "checkpoint.pt").write_bytes(content)
+        return path
+
+    killed = lane(0, pending[0], {"fcn32s": b"32", "fcn16s": b"16", "fcn8s": b"committed"})
+    done = lane(1, finished, {"fcn32s": b"done"})
+    study_driver.set_aside_checkpoints(str(project_copy), pending, logging.getLogger("test"))
+
+    kept = study_driver.resume_dir(str(project_copy), pending[0])
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*.pt")) == [
+        "fcn16s/checkpoint.pt", "fcn32s/checkpoint.pt"
+    ]  # fmt: skip
+    assert (kept / "fcn32s" / "checkpoint.pt").read_bytes() == b"32"
+    assert (killed / "models" / "fcn8s" / "checkpoint.pt").read_bytes() == b"committed"
+    assert (done / "models" / "fcn32s" / "checkpoint.pt").is_file()  # not a pending run's
+    assert study_driver.resume_env(str(project_copy), pending[0]) == {RESUME_ENV: str(kept)}
+    assert study_driver.resume_env(str(project_copy), pending[1]) == {}
+    study_driver.drop_checkpoints(str(project_copy), pending[0])
+    assert not kept.parent.exists()
