@@ -110,11 +110,11 @@ def check_params_left_over(project_dir: str, study: Study, params_file: str) -> 
     run of another setting would inherit them). Raises
     :class:`fcn_pipeline.errors.PipelineError` naming the run and the way out."""
     committed = _git_show(project_dir, "HEAD", params_file)
-    workspace = Path(project_dir, params_file)
-    if committed is None or workspace.read_text() == committed:
+    workspace = Path(project_dir, params_file).read_text()
+    if committed is None or workspace == committed:
         return
     try:
-        params = parse_params(yaml.safe_load(workspace.read_text()), source=params_file)
+        params = parse_params(yaml.safe_load(workspace), source=params_file)
         head = yaml.safe_load(committed)
     except (yaml.YAMLError, ConfigError):
         return  # load_study has read it; HEAD's may not parse
@@ -279,11 +279,9 @@ def _committed_md5s(project_dir: str) -> set[str]:
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
+    """Hex MD5 of a file's bytes, as DVC records an output's."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def set_aside_checkpoints(project_dir: str, pending: list[RunSpec], logger: Logger) -> None:
