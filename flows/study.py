@@ -41,7 +41,6 @@ def _run_in_lanes(
 
     A failed experiment does not stop the others; once every lane's experiments are
     fetched into the project, the first failure is raised (a rerun resumes)."""
-    env = {**study_driver.lane_env(jobs), **env}
     logger.info("%d experiments, %d at a time, %s each", len(pending), jobs, env)
     ran: list[str] = []
     failed: list[Future] = []
@@ -120,10 +119,11 @@ def run_study(
         logger.info("%s: finished, recorded in %s, skipped", name, finished)
     pending = [run for run in study.runs if run.name not in done]
     study_driver.set_aside_checkpoints(project_dir, pending, logger)  # killed lanes' runs
-    if jobs > 1 and len(pending) > 1:
+    if jobs > 1 and pending:  # lanes even for the last run: its threads stay the study's
         study_driver.check_committed(project_dir)  # before any lane or experiment
-        jobs = min(jobs, len(pending))
-        ran = _run_in_lanes(project_dir, pending, params_bytes, jobs, logger, env, keep)
+        env = {**study_driver.lane_env(jobs, len(study.runs)), **env}
+        lanes = min(jobs, len(pending))
+        ran = _run_in_lanes(project_dir, pending, params_bytes, lanes, logger, env, keep)
     else:
         ran = []
         try:

@@ -15,7 +15,8 @@ Prefect here: :mod:`flows.study` wraps these functions in tasks.
 With ``jobs`` > 1 the experiments run in *lanes*: clones of HEAD beside the project
 (``<parent>/.<project>.study-lane-<i>``: siblings, so a relative ``data.root`` such
 as ``../datasets/camvid`` means the same there), sharing the project's DVC cache
-(and so its run cache), each experiment with ``cores / jobs`` torch threads. Their
+(and so its run cache), each experiment with ``cores / min(jobs, runs)`` torch threads
+(``runs``: the study's, not those left, so a resumed run keeps its threads). Their
 experiment refs are fetched into the project once all have run (or one failed), then
 the lanes are removed: ``dvc exp show`` lists them as if they had run in the workspace. Small
 nets use threads poorly: two one-thread lanes on two cores train about twice as
@@ -170,10 +171,13 @@ def check_committed(project_dir: str) -> None:
         )
 
 
-def lane_env(jobs: int) -> dict[str, str]:
-    """Torch (OpenMP, MKL) threads for one of ``jobs`` lanes: the cores shared out,
-    unless the environment already fixes them."""
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+def lane_env(jobs: int, runs: int) -> dict[str, str]:
+    """Torch (OpenMP, MKL) threads for one of ``jobs`` lanes of a study of ``runs`` runs:
+    the cores shared out among ``min(jobs, runs)`` lanes (a one-run study's lane gets
+    them all), unless the environment already fixes them. It depends on the study, not
+    on the runs still pending, so a run resumed after a stop keeps its thread count (part
+    of its checkpoint's fingerprint)."""
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, min(jobs, runs))))
     return {k: os.environ.get(k, threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 

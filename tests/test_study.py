@@ -333,6 +333,25 @@ def test_a_study_refuses_to_start_over_staged_changes_and_names_them(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("cores", "jobs", "runs", "threads"),
+    [(2, 2, 40, "1"), (2, 2, 1, "2"), (16, 4, 9, "4"), (16, 4, 2, "8"), (2, 4, 9, "1")],
+)
+def test_lanes_share_the_cores_by_the_studys_size_not_the_runs_left(
+    monkeypatch, cores, jobs, runs, threads
+):
+    """A one-run study's lane gets every core; a study of many runs resumed with one left
+    keeps the threads its runs started with (the count is in the checkpoint's fingerprint)."""
+    from flows.study_driver import lane_env
+
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    assert lane_env(jobs, runs) == {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # set by the user: kept
+    assert lane_env(jobs, runs)["OMP_NUM_THREADS"] == "3"
+
+
+@pytest.mark.parametrize(
     ("curve", "gain", "flat"),
     [
         ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], 0.2, False),  # fifths of 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def exp_refs(project: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(project_copy):
     """In two lanes (``--jobs 2``); a rerun skips them all, one removed is run again
-    alone, in the project (one at a time)."""
+    alone, in a lane with the threads its siblings had."""
     env = project_env()
     tiny_project(project_copy)
     write_study(project_copy, "tiny", TINY_STUDY)
@@ -150,9 +151,13 @@ def test_two_settings_two_seeds_make_four_experiments_and_a_rerun_skips_them(pro
         ["dvc", "exp", "remove", "--all-commits"], cwd=project_copy, env=env, capture_output=True
     )
     assert removed.returncode == 0 and exp_refs(project_copy) == {}, removed.stderr
-    resumed = study(project_copy, env)
+    resumed = study(project_copy, env, "tiny", "--jobs", "2")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     output = resumed.stdout + resumed.stderr
+    # The last run still goes to a lane, with the threads of a lane of this four-run study
+    # (as its siblings had, and its checkpoint's fingerprint after a stop would need).
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+    assert f"1 experiments, 1 at a time, {{'OMP_NUM_THREADS': '{threads}'" in output, output[-3000:]
     assert output.count("finished, recorded in reports/tiny.runs, skipped") == 3, output[-3000:]
     assert "study tiny: ran 1, skipped 3" in output
     assert sorted(exp_refs(project_copy)) == RUNS[-1:]
