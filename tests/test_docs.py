@@ -176,8 +176,8 @@ CONVERGED_TABLES = {
     ),
     "Question 2 at convergence": (
         "whole_vs_patch_converged",
-        ["whole", "whole_weighted", "sampled_p50", "sampled_p25", "patch_balanced",
-         "patch_uniform", "patch_uniform_weighted"],
+        ["whole", "whole_weighted", "sampled_p50", "sampled_p25", "whole_b32",
+         "patch_balanced", "patch_uniform", "patch_uniform_weighted"],
         [*Q2_SCORES, _epochs, _converged],
     ),
 }  # fmt: skip
