@@ -491,12 +491,16 @@ def _summaries(entries: list[dict]) -> tuple:
     return aggregate(runs, ["frozen", "interp"]), compare(runs, [("frozen", "interp")]), []
 
 
-def test_a_committed_report_regenerates_byte_identical(tmp_path):
-    """reports/upsample_converged/ written again from its results.json: the same
-    results.json and report.md, byte for byte."""
-    committed = REPO / "reports" / "upsample_converged"
+@pytest.mark.parametrize(
+    ("report", "study"),
+    [("upsample_converged", "upsample"), ("whole_vs_patch_converged", "whole_vs_patch")],
+)
+def test_a_committed_report_regenerates_byte_identical(tmp_path, report, study):
+    """A committed reports/<study>_converged/ written again from its results.json and
+    its study file's comparisons: the same results.json and report.md, byte for byte."""
+    committed = REPO / "reports" / report
     results = json.loads((committed / "results.json").read_text())
-    pairs = load_study(REPO / "studies" / "upsample.yaml", PARAMS).comparisons
+    pairs = load_study(REPO / "studies" / f"{study}.yaml", PARAMS).comparisons
     out = write_report(tmp_path / "again", results, pairs)
     for name in ("results.json", "report.md"):
         assert (out / name).read_bytes() == (committed / name).read_bytes(), name
