@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -80,8 +81,10 @@ def test_the_default_run_table_is_the_committed_metrics():
 
 def _table_rows(section: str) -> list[list[str]]:
     """The data rows of the first markdown table in ``section``, as cells."""
-    lines = [line for line in section.splitlines() if line.startswith("|")]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = itertools.takewhile(lambda line: line.startswith("|"), lines[start:])
+    return [[c.strip() for c in line.strip("|").split("|")] for line in list(table)[2:]]
 
 
 def _section(page: str, heading: str) -> str:
