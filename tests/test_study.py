@@ -82,6 +82,15 @@ def test_a_good_study_plans_one_named_run_per_setting_and_seed(tmp_path):
     assert study.comparisons == [("frozen", "interp")]
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_study_file_plans_its_runs(path):
+    """Each studies/*.yaml passes the schema against today's params.yaml (keys, values,
+    comparisons) and plans one run per setting and seed, with its seed set."""
+    study = load_study(path, PARAMS)
+    assert len(study.runs) == len(study.spec.settings) * len(study.spec.seeds) > 0
+    assert all(f"train.seed={run.seed}" in run.overrides for run in study.runs)
+
+
 def test_an_unknown_study_key_is_refused_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=r"tiny\.yaml.*\n.*sedes: unknown key"):
         load_study(study_file(tmp_path, {**GOOD, "sedes": [3]}), PARAMS)
