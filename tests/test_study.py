@@ -502,7 +502,8 @@ def _summaries(entries: list[dict]) -> tuple:
 
 @pytest.mark.parametrize(
     ("report", "study"),
-    [("upsample_converged", "upsample"), ("whole_vs_patch_converged", "whole_vs_patch")],
+    [("upsample_converged", "upsample"), ("whole_vs_patch_converged", "whole_vs_patch"),
+     ("camvid_converged", "camvid")],
 )
 def test_a_committed_report_regenerates_byte_identical(tmp_path, report, study):
     """A committed reports/<study>_converged/ written again from its results.json and
