@@ -183,6 +183,11 @@ CONVERGED_TABLES = {
          "patch_balanced", "patch_uniform", "patch_uniform_weighted"],
         [*Q2_SCORES, _epochs, _converged],
     ),
+    "CamVid at convergence": (
+        "camvid_converged", ["whole", "whole_weighted", "patch_balanced"],
+        [*STUDY_TABLES["CamVid: class weights and class-balanced patches on real scenes"][2],
+         _epochs, _converged],
+    ),
 }  # fmt: skip
 
 
