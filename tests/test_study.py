@@ -502,7 +502,7 @@ def _summaries(entries: list[dict]) -> tuple:
     return aggregate(runs, ["frozen", "interp"]), compare(runs, [("frozen", "interp")]), []
 
 
-@pytest.mark.parametrize("study_file", ["upsample", "whole_vs_patch", "camvid_patience5"])
+@pytest.mark.parametrize("study_file", ["upsample", "whole_vs_patch", "camvid", "camvid_patience5"])
 def test_a_committed_report_regenerates_byte_identical(tmp_path, study_file):
     """A study's committed report, reports/<its study name>/, written again from its
     results.json and the study file's comparisons: the same results.json and report.md,
