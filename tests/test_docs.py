@@ -190,7 +190,7 @@ CONVERGED_TABLES = {
         [*Q2_SCORES, _epochs, _converged],
     ),
     "CamVid at convergence": (
-        "camvid_converged", ["whole", "whole_weighted", "patch_balanced"],
+        "camvid_converged_p10", ["whole", "whole_weighted", "patch_balanced"],
         [*CAMVID_SCORES, _epochs, _converged],
     ),
 }  # fmt: skip
