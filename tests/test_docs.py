@@ -114,12 +114,13 @@ Q2_SCORES = (
 
 # CamVid's scores, in %, the same columns in its short-budget and its converged table:
 # global and class-average accuracy and mean IU (mean +- std), per-class IU (means).
+CAMVID_CLASSES = ("Road", "Building", "Sky", "Tree", "Car", "Pole", "SignSymbol",
+                  "Pedestrian", "Bicyclist")  # fmt: skip
 CAMVID_SCORES = (
     [lambda rs, k=k: _pm([r["metrics"][k] for r in rs], 1, 100.0)
      for k in ("pixel_acc", "mean_acc", "mean_iu")]
     + [lambda rs, c=c: f"{100 * sum(r['metrics']['per_class_iu'][c] for r in rs) / len(rs):.1f}"
-       for c in ("Road", "Building", "Sky", "Tree", "Car", "Pole", "SignSymbol",
-                 "Pedestrian", "Bicyclist")]
+       for c in CAMVID_CLASSES]
 )  # fmt: skip
 
 
