@@ -281,3 +281,27 @@ def test_the_stride_ceiling_table_is_the_committed_benchmark():
     for row, scores in zip(rows, ceiling["strides"].values(), strict=True):
         expected = [scores["mean_iu"], *scores["per_class_iu"]]
         assert row[1:] == [f"{value:.3f}" for value in expected], row[0]
+
+
+def _camvid_run(run: dict) -> list[str]:
+    """One CamVid run's cells, in %: global and class-average accuracy, mean IU, per-class
+    IU; then its FCN-8s epochs, train minutes and whether it converged."""
+    m = run["metrics"]
+    return ([f"{100 * m[k]:.1f}" for k in ("pixel_acc", "mean_acc", "mean_iu")]
+            + [f"{100 * m['per_class_iu'][c]:.1f}" for c in CAMVID_CLASSES]
+            + [str(run["curve"]["stage_epochs"][-1]), f"{run['train_minutes']:.0f}",
+               "yes" if run["converged"] else "no"])  # fmt: skip
+
+
+def test_the_full_size_camvid_table_is_the_committed_reports():
+    """docs/results.md's "CamVid at full size" table: the full-size study's one run and
+    the same setting and seed at half size, each read back from its results.json."""
+    import json
+
+    reports = REPO / "reports"
+    (full,) = json.loads((reports / "camvid_full_converged" / "results.json").read_text())["runs"]
+    half = json.loads((reports / "camvid_converged_p10" / "results.json").read_text())["runs"]
+    same = next(r for r in half if (r["setting_name"], r["seed"]) == ("whole", full["seed"]))
+    rows = _table_rows(_section("results.md", "CamVid at full size"))
+    assert [row[0] for row in rows] == ["360x480", "180x240"]
+    assert [row[1:] for row in rows] == [_camvid_run(full), _camvid_run(same)]
