@@ -289,7 +289,7 @@ def _camvid_run(run: dict) -> list[str]:
     m = run["metrics"]
     return ([f"{100 * m[k]:.1f}" for k in ("pixel_acc", "mean_acc", "mean_iu")]
             + [f"{100 * m['per_class_iu'][c]:.1f}" for c in CAMVID_CLASSES]
-            + [str(run["curve"]["stage_epochs"][-1]), f"{run['train_minutes']:.0f}",
+            + [_epochs([run]), f"{run['train_minutes']:.0f}",
                "yes" if run["converged"] else "no"])  # fmt: skip
 
 
